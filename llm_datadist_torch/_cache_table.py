@@ -52,6 +52,8 @@ class CacheEntry:
     tensor_bytes: int
     raw: List[torch.Tensor]
     release_memory: Optional[Callable[[], None]] = None
+    shm_name: str = ""   # /dev/shm file holding the memory (allocated CPU caches), else ""
+    shm_base: int = 0    # address where that file is mapped in this process
     handle_valid: bool = True
     keys: Set[KeyId] = dataclasses.field(default_factory=set)
     pins: int = 0
@@ -245,6 +247,10 @@ class CacheTable:
         """Wait until no transfer is writing into `entry`; False on timeout."""
         with self.lock:
             return self._changed.wait_for(lambda: entry.writers == 0, timeout_s)
+
+    def identity_of(self, binding: KeyBinding) -> Optional[KeyId]:
+        with self.lock:
+            return self._identity_of(binding)
 
     # ---- internals -------------------------------------------------------------------------
     def _identity_of(self, binding: KeyBinding) -> Optional[KeyId]:

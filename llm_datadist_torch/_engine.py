@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 from typing import List, Optional, Sequence
 
 import torch
@@ -124,12 +125,16 @@ class Engine:
         nbytes = tensor_bytes_of(desc)
         with self.table.lock:
             if from_pool:
+                arena = self.pools[desc.placement].arena
                 raw, release = self._carve_from_pool(desc.placement, nbytes, desc.num_tensors)
             else:
-                raw, release = self._standalone(desc.placement, nbytes, desc.num_tensors, cache_id)
+                arena, raw = self._standalone(desc.placement, nbytes, desc.num_tensors, cache_id)
+                release = arena.close
             entry = CacheEntry(cache_id, desc.num_tensors, tuple(desc.shape), desc.data_type,
                                desc.placement, is_blocks, owned=True, remote_accessible=True,
-                               tensor_bytes=nbytes, raw=raw, release_memory=release)
+                               tensor_bytes=nbytes, raw=raw, release_memory=release,
+                               shm_name=os.path.basename(arena.shm_path or ""),
+                               shm_base=arena.tensor.data_ptr())
             try:
                 if is_blocks:
                     self.table.add_blocks(entry, blocks_model_id, replace=False)
@@ -156,7 +161,7 @@ class Engine:
         arena = MemoryArena.create(self.memory_device(placement), step * count,
                                    tag=f"{self.cluster_id}.cache{cache_id}",
                                    pinned=self._pinned_host(placement))
-        return [arena.slice(i * step, nbytes) for i in range(count)], arena.close
+        return arena, [arena.slice(i * step, nbytes) for i in range(count)]
 
     # ---- registration ----------------------------------------------------------------------
     def register(self, desc: CacheDesc, addrs: List[int], cache_keys: Sequence[CacheKey] = (),
@@ -203,6 +208,15 @@ class Engine:
                     release()
                 raise
         return entry
+
+    def region(self, entry: CacheEntry, index: int):
+        """Where tensor `index` of `entry` lives, as a peer needs to know it."""
+        from .transport.base import MemoryRegion
+        raw = entry.raw[index]
+        address = raw.data_ptr()
+        shm_offset = address - entry.shm_base if entry.shm_name else 0
+        return MemoryRegion(address=address, nbytes=raw.numel(), device=str(raw.device),
+                            shm_name=entry.shm_name, shm_offset=shm_offset)
 
     # ---- views -----------------------------------------------------------------------------
     def tensor_view(self, entry: CacheEntry, index: int) -> torch.Tensor:

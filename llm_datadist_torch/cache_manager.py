@@ -11,14 +11,15 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from . import _local_ops
+from . import _local_ops, _transfer_args
+from ._remote_ops import transfer
 from ._cache_table import CacheEntry
 from ._checks import check_int64, check_isinstance, check_uint32, check_uint64
 from ._engine import Engine
 from .cache import Cache
 from .cache_desc import CacheDesc
 from .enums import Memtype, Placement
-from .keys import BlocksCacheKey, CacheKey
+from .keys import BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex
 from .status import LLMStatusCode, fail, raise_if_false
 from .transfer_types import MemInfo
 
@@ -42,8 +43,9 @@ def check_tensor_index(cache, tensor_index) -> None:
 class CacheManager:
     """Obtained from `LLMDataDist.cache_manager`; never constructed by users."""
 
-    def __init__(self, engine: Engine, pool_required: bool = True):
+    def __init__(self, engine: Engine, pool_required: bool = True, links=None):
         self._engine = engine
+        self._links = links
         # v1 (KvCacheManager) allocates without a configured pool; v2 needs one.
         self._pool_required = pool_required
         self.linked_via_link = False  # set by LLMDataDist.link(); changes registration defaults
@@ -63,7 +65,12 @@ class CacheManager:
         return desc.placement == Placement.DEVICE and not self.linked_via_link
 
     def _require_pool(self, desc: CacheDesc) -> None:
-        raise_if_false(not self._pool_required or self._engine.has_pool(desc.placement),
+        # Python-side check on the configured options (not the live pools, which finalize()
+        # drops): a stale manager must get past it and fail with LLM_FAILED (spec §15.0).
+        options = self._engine.options
+        configured = {Placement.DEVICE: options.mem_pool,
+                      Placement.HOST: options.host_mem_pool}.get(desc.placement)
+        raise_if_false(not self._pool_required or configured is not None,
                        "configure a memory pool matching the placement %s (mem_pool_cfg / "
                        "host_mem_pool_cfg)", desc.placement)
 
@@ -240,6 +247,110 @@ class CacheManager:
             return _local_ops.raw_from_addresses(cache.tensor_addrs, cache.cache_desc.size), []
         entry = self._entry(cache)
         return entry.raw, [entry]
+
+    # ---- transfers between clusters ---------------------------------------------------------
+    @property
+    def _remote_accessible_mode(self) -> bool:
+        return self._engine.options.remote_accessible
+
+    def _remote(self, engine: Engine, key, local: CacheEntry):
+        raise_if_false(key.cluster_id != engine.cluster_id,
+                       "cannot transfer with this cluster's own cluster_id %d", key.cluster_id)
+        if self._remote_accessible_mode:
+            raise_if_false(local.remote_accessible, "cache %d is not registered for remote access",
+                           local.cache_id)
+        return self._links.get(key.cluster_id)
+
+    def pull_cache(self, cache_key: Union[CacheKey, CacheKeyByIdAndIndex], cache: Cache,
+                   batch_index: int = 0, size: int = -1, **kwargs) -> None:
+        """Pull one remote batch slot into slot `batch_index` of a contiguous local cache."""
+        key_types = (CacheKeyByIdAndIndex,) if self._remote_accessible_mode else (CacheKey, CacheKeyByIdAndIndex)
+        check_isinstance("cache_key", cache_key, key_types)
+        check_isinstance("cache", cache, Cache)
+        check_uint32("batch_index", batch_index)
+        check_int64("size", size)
+        raise_if_false(not cache.is_blocks_cache, "pull_cache needs a contiguous local cache")
+        raise_if_false(size == -1 or size > 0, "size must be -1 or > 0, got %d", size)
+        src_tensors, dst_tensors = _transfer_args.pull_tensor_indices(kwargs, cache.cache_desc.num_tensors)
+        if isinstance(cache_key, CacheKey):
+            _transfer_args.check_request_key(cache_key)
+        with self._engine.operation(PARAM) as engine:
+            local = self._entry(cache)
+            link = self._remote(engine, cache_key, local)
+            raise_if_false(batch_index < local.slots, "batch_index %d >= batch size %d", batch_index, local.slots)
+            raise_if_false(size == -1 or size <= local.stride, "size %d > slot size %d", size, local.stride)
+            transfer(engine, link, _transfer_args.remote_ref(cache_key), local, "pull", "c2c",
+                     local_slot=batch_index, nbytes=local.stride if size == -1 else size,
+                     src_tensors=src_tensors, dst_tensors=dst_tensors,
+                     release_keys=not self._remote_accessible_mode)
+
+    def pull_blocks(self, src_cache_key, dst_cache: Cache, src_blocks=(), dst_blocks=(), **kwargs) -> None:
+        """Pull remote blocks (B2B) or a remote slot cut into blocks (C2B) into a blocks cache."""
+        check_isinstance("src_cache_key", src_cache_key, (CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey))
+        check_isinstance("dst_cache", dst_cache, Cache)
+        src_blocks = _transfer_args.block_list("src_blocks", src_blocks)
+        dst_blocks = _transfer_args.block_list("dst_blocks", dst_blocks)
+        raise_if_false(dst_cache.is_blocks_cache, "pull_blocks needs a blocks local cache")
+        raise_if_false(len(dst_blocks) > 0, "dst_blocks must not be empty")
+        src_tensors, dst_tensors = _transfer_args.pull_tensor_indices(kwargs, dst_cache.cache_desc.num_tensors)
+        blocks_key = isinstance(src_cache_key, BlocksCacheKey)
+        if blocks_key:
+            raise_if_false(len(src_blocks) > 0, "src_blocks must not be empty with a BlocksCacheKey")
+            self._blocks_model_id(src_cache_key)
+        else:
+            if isinstance(src_cache_key, CacheKey):
+                _transfer_args.check_request_key(src_cache_key)
+            raise_if_false(len(src_blocks) == 0, "src_blocks must be empty when pulling a batch slot")
+        with self._engine.operation(PARAM) as engine:
+            local = self._entry(dst_cache)
+            link = self._remote(engine, src_cache_key, local)
+            transfer(engine, link, _transfer_args.remote_ref(src_cache_key), local, "pull",
+                     "b2b" if blocks_key else "c2b", src_blocks=src_blocks, dst_blocks=dst_blocks,
+                     src_tensors=src_tensors, dst_tensors=dst_tensors,
+                     release_keys=not self._remote_accessible_mode)
+
+    def push_cache(self, dst_cache_key: CacheKeyByIdAndIndex, src_cache: Cache, src_batch_index: int = 0,
+                   src_layer_range: Optional[range] = None, dst_layer_range: Optional[range] = None,
+                   size: int = -1, tensor_num_per_layer: int = 2) -> None:
+        """Write one local slot into a remote slot (remote-cache-accessible mode only)."""
+        raise_if_false(self._remote_accessible_mode, "push_cache needs enable_remote_cache_accessible")
+        check_isinstance("dst_cache_key", dst_cache_key, CacheKeyByIdAndIndex, allow_none=False)
+        check_isinstance("src_cache", src_cache, Cache, allow_none=False)
+        check_uint32("src_batch_index", src_batch_index)
+        raise_if_false(not src_cache.is_blocks_cache, "push_cache needs a contiguous local cache")
+        src_tensors, dst_tensors = _transfer_args.push_tensor_indices(
+            src_layer_range, dst_layer_range, tensor_num_per_layer, src_cache.cache_desc.num_tensors)
+        check_int64("size", size)
+        raise_if_false(size == -1, "push_cache only supports size=-1")
+        with self._engine.operation(PARAM) as engine:
+            local = self._entry(src_cache)
+            link = self._remote(engine, dst_cache_key, local)
+            raise_if_false(src_batch_index < local.slots, "src_batch_index %d >= batch size %d",
+                           src_batch_index, local.slots)
+            transfer(engine, link, _transfer_args.remote_ref(dst_cache_key), local, "push", "c2c",
+                     local_slot=src_batch_index, nbytes=local.stride, src_tensors=src_tensors,
+                     dst_tensors=dst_tensors)
+
+    def push_blocks(self, dst_cache_key: BlocksCacheKey, src_cache: Cache, src_blocks=(), dst_blocks=(),
+                    src_layer_range: Optional[range] = None, dst_layer_range: Optional[range] = None,
+                    tensor_num_per_layer: int = 2) -> None:
+        """Write local blocks into a remote blocks cache (remote-cache-accessible mode only)."""
+        raise_if_false(self._remote_accessible_mode, "push_blocks needs enable_remote_cache_accessible")
+        check_isinstance("dst_cache_key", dst_cache_key, BlocksCacheKey)
+        check_isinstance("src_cache", src_cache, Cache)
+        src_blocks = _transfer_args.block_list("src_blocks", src_blocks)
+        dst_blocks = _transfer_args.block_list("dst_blocks", dst_blocks)
+        raise_if_false(src_cache.is_blocks_cache, "push_blocks needs a blocks local cache")
+        raise_if_false(len(dst_blocks) > 0, "dst_blocks must not be empty")
+        src_tensors, dst_tensors = _transfer_args.push_tensor_indices(
+            src_layer_range, dst_layer_range, tensor_num_per_layer, src_cache.cache_desc.num_tensors)
+        self._blocks_model_id(dst_cache_key)
+        with self._engine.operation(PARAM) as engine:
+            local = self._entry(src_cache)
+            link = self._remote(engine, dst_cache_key, local)
+            transfer(engine, link, _transfer_args.remote_ref(dst_cache_key), local, "push", "b2b",
+                     src_blocks=src_blocks, dst_blocks=dst_blocks, src_tensors=src_tensors,
+                     dst_tensors=dst_tensors)
 
     # ---- fault handling --------------------------------------------------------------------
     def remap_registered_memory(self, mem_infos: Union[MemInfo, List[MemInfo]]) -> None:

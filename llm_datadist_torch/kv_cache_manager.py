@@ -21,9 +21,9 @@ from .status import LLMStatusCode
 class KvCacheManager:
     """Obtained from `LLMDataDist.kv_cache_manager` in v1 mode; never constructed by users."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, links=None):
         self._engine = engine
-        self._v2 = CacheManager(engine, pool_required=False)
+        self._v2 = CacheManager(engine, pool_required=False, links=links)
 
     def is_initialized(self) -> bool:
         return not self._engine.closed
@@ -67,6 +67,14 @@ class KvCacheManager:
     def swap_blocks(self, src_cache: KvCache, dst_cache: KvCache, src_to_dst: Dict[int, int]) -> None:
         self._v2.swap_blocks(self._as_cache("src_cache", src_cache),
                              self._as_cache("dst_cache", dst_cache), src_to_dst)
+
+    def pull_cache(self, cache_key: CacheKey, cache: KvCache, batch_index: int = 0, size: int = -1,
+                   **kwargs) -> None:
+        self._v2.pull_cache(cache_key, self._as_cache("cache", cache), batch_index, size, **kwargs)
+
+    def pull_blocks(self, src_cache_key, dst_cache: KvCache, src_blocks=(), dst_blocks=(), **kwargs) -> None:
+        self._v2.pull_blocks(src_cache_key, self._as_cache("dst_cache", dst_cache), src_blocks, dst_blocks,
+                             **kwargs)
 
     def get_cache_tensors(self, cache: KvCache, tensor_index: int = 0) -> List[torch.Tensor]:
         """One view per device entry of the cache (one device): `[view]`, sharing its memory.

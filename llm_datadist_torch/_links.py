@@ -1,0 +1,327 @@
+"""Links between clusters: the control-plane server, the handshake and the link table.
+
+Every initialized v2 `LLMDataDist` runs one `RpcServer`. A server (`listen_ip_info`) binds it
+to its listen endpoint; a client binds it to an ephemeral port on its local IP at its first
+`link_clusters`, and sends that endpoint in the handshake so the peer can call back: links are
+bidirectional, either side may pull or push. Data never goes through this channel.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import logging
+import os
+import threading
+import time
+from typing import Dict, List, Optional, Tuple
+
+from ._engine import Engine
+from ._serving import Responder
+from .configs import LLMClusterInfo, ip_int_to_str
+from .control.host import local_host_id
+from .control.messages import (Ack, Hello, HelloReply, Message, Ping, Pong, PROTOCOL_VERSION, Release,
+                               Resolve, Unlink)
+from .control.rpc_client import RpcClient
+from .control.rpc_server import RpcServer
+from .status import LLMException, LLMStatusCode, fail
+from .transport import choose_transport
+from .transport.base import MemoryRegion, Peer, Transport
+
+logger = logging.getLogger(__name__)
+
+SUCCESS = LLMStatusCode.LLM_SUCCESS
+MAX_CLUSTERS_PER_CALL = 16
+
+
+@dataclasses.dataclass(eq=False)
+class Link:
+    """One linked peer: how to reach its control server and how to move bytes to and from it."""
+
+    cluster_id: int
+    peer: Peer
+    rpc: Optional[RpcClient]
+    forced_transport: Optional[str]
+    broken: bool = False
+    transports: Dict[str, Transport] = dataclasses.field(default_factory=dict)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def call(self, request: Message, timeout_s: float) -> Message:
+        if self.broken or self.rpc is None:
+            fail(LLMStatusCode.LLM_NOT_YET_LINK, "link with cluster %d is %s; unlink and link again",
+                 self.cluster_id, "broken by an earlier timeout" if self.broken else "one-way")
+        try:
+            return self.rpc.call(request, max(timeout_s, 0.001))
+        except LLMException as exc:
+            if exc.status_code == LLMStatusCode.LLM_TIMEOUT:
+                self.broken = True  # spec §26.26: a timed-out link must be re-linked
+            raise
+
+    def transport_for(self, region: MemoryRegion) -> Transport:
+        cls = choose_transport(self.peer, region, self.forced_transport)
+        with self.lock:
+            transport = self.transports.get(cls.name)
+            if transport is None:
+                transport = self.transports[cls.name] = cls(self.peer)
+            return transport
+
+    def close(self) -> None:
+        with self.lock:
+            transports, self.transports = list(self.transports.values()), {}
+        for transport in transports:
+            transport.close()
+        if self.rpc is not None:
+            self.rpc.close()
+
+
+def endpoint(ip: str, port: int) -> str:
+    return f"tcp://{ip}:{port}"
+
+
+class LinkManager:
+    def __init__(self, engine: Engine, role: str):
+        self._engine = engine
+        self._role = role
+        self._responder = Responder(engine)
+        self._lock = threading.RLock()
+        self._links: Dict[int, Link] = {}
+        self._server = RpcServer(self._handle, name=f"llm_datadist_torch-{engine.cluster_id}")
+        self._listen: Optional[str] = None    # public endpoint (listen_ip_info)
+        self._callback: Optional[str] = None  # ephemeral endpoint of a client
+        self._host_id = local_host_id()
+        self._server.start()
+        if engine.options.listen is not None:
+            self.listen(*engine.options.listen)
+
+    # ---- identity and endpoints ------------------------------------------------------------
+    @property
+    def reply_endpoint(self) -> str:
+        return self._listen or self._callback or ""
+
+    def _identity(self) -> dict:
+        return dict(protocol_version=PROTOCOL_VERSION, cluster_id=self._engine.cluster_id,
+                    role=self._role, host_id=self._host_id, pid=os.getpid(),
+                    device_kind=self._engine.device.type, transports=["local", "shm", "cma"])
+
+    def listen(self, ip: str, port: int) -> None:
+        """Serve on ip:port (replacing an earlier listen endpoint on another port)."""
+        with self._lock:
+            wanted = endpoint(ip, port)
+            if self._listen is not None:
+                if self._listen.rsplit(":", 1)[1] == str(port):
+                    return
+                self._server.unbind(self._listen)
+                self._listen = None
+            self._listen = self._server.bind(wanted)
+            logger.info("cluster %d listens on %s", self._engine.cluster_id, self._listen)
+
+    def bind_extra(self, address: str) -> str:
+        """Also serve on `address` (a rank endpoint of a `link()` domain); no-op if bound."""
+        with self._lock:
+            if address in self._server.endpoints:
+                return address
+            return self._server.bind(address)
+
+    def unbind_extra(self, address: str) -> None:
+        with self._lock:
+            if address in self._server.endpoints and address not in (self._listen, self._callback):
+                self._server.unbind(address)
+
+    def connect(self, address: str, timeout_s: float) -> LLMStatusCode:
+        """Handshake with the server at `address` and keep the link (used by `link()`)."""
+        rpc = RpcClient(address)
+        try:
+            reply = rpc.call(Hello(reply_endpoint=self.reply_endpoint, **self._identity()), timeout_s)
+        except LLMException:
+            rpc.close()
+            return LLMStatusCode.LLM_LINK_FAILED
+        if not isinstance(reply, HelloReply) or not reply.accepted:
+            rpc.close()
+            return LLMStatusCode.LLM_LINK_FAILED
+        self._add(Link(reply.cluster_id, self._peer(reply), rpc, self._engine.options.transfer_backend))
+        return SUCCESS
+
+    def drop(self, cluster_id: int, notify_timeout_s: float = 0.0) -> None:
+        """Drop a link; with a timeout, tell the peer first (best effort)."""
+        with self._lock:
+            link = self._links.get(cluster_id)
+        if link is not None and notify_timeout_s > 0 and link.rpc is not None:
+            try:
+                link.rpc.call(Unlink(requester=self._engine.cluster_id), notify_timeout_s)
+            except LLMException as exc:
+                logger.warning("could not tell cluster %d about the unlink: %s", cluster_id, exc)
+        self._drop(cluster_id)
+
+    def stop_listening(self) -> None:
+        with self._lock:
+            if self._listen is not None:
+                self._server.unbind(self._listen)
+                self._listen = None
+
+    @property
+    def listening(self) -> Optional[str]:
+        return self._listen
+
+    def _ensure_callback(self, local_ip: str) -> None:
+        with self._lock:
+            if self._listen is None and self._callback is None:
+                self._callback = self._server.bind(endpoint(local_ip, 0))
+
+    # ---- link table ------------------------------------------------------------------------
+    def get(self, cluster_id: int) -> Link:
+        with self._lock:
+            link = self._links.get(cluster_id)
+        if link is None:
+            fail(LLMStatusCode.LLM_NOT_YET_LINK, "cluster %d is not linked with cluster %d",
+                 self._engine.cluster_id, cluster_id)
+        return link
+
+    def has_links(self) -> bool:
+        with self._lock:
+            return bool(self._links)
+
+    def linked_ids(self) -> List[int]:
+        with self._lock:
+            return list(self._links)
+
+    def _add(self, link: Link) -> None:
+        with self._lock:
+            old = self._links.pop(link.cluster_id, None)
+            self._links[link.cluster_id] = link
+        if old is not None:
+            old.close()
+        self._grant_access()
+
+    def _drop(self, cluster_id: int) -> bool:
+        with self._lock:
+            link = self._links.pop(cluster_id, None)
+        if link is not None:
+            link.close()
+            self._grant_access()
+        return link is not None
+
+    def _grant_access(self) -> None:
+        from .transport.cma import grant_access
+        with self._lock:
+            grant_access({link.peer.pid for link in self._links.values() if not link.peer.same_process})
+
+    # ---- client side -----------------------------------------------------------------------
+    def link_clusters(self, clusters: List[LLMClusterInfo], timeout_ms: int,
+                      require_local_ip: bool) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
+        if not clusters:
+            return LLMStatusCode.LLM_PARAM_INVALID, []
+        if len(clusters) > MAX_CLUSTERS_PER_CALL:
+            return LLMStatusCode.LLM_CLUSTER_NUM_EXCEED_LIMIT, [LLMStatusCode.LLM_CLUSTER_NUM_EXCEED_LIMIT] * len(clusters)
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(clusters))) as pool:
+            results = list(pool.map(lambda c: self._link_one(c, deadline, require_local_ip), clusters))
+        return _overall(results), results
+
+    def _link_one(self, cluster: LLMClusterInfo, deadline: float, require_local_ip: bool) -> LLMStatusCode:
+        if len(cluster.remote_ip_info_list) != 1:
+            return LLMStatusCode.LLM_PARAM_INVALID
+        if require_local_ip and len(cluster.local_ip_info_list) != 1:
+            return LLMStatusCode.LLM_PARAM_INVALID
+        with self._lock:
+            existing = self._links.get(cluster.remote_cluster_id)
+        if existing is not None and not existing.broken:
+            return LLMStatusCode.LLM_ALREADY_LINK
+        remote_ip, remote_port = cluster.remote_ip_info_list[0]
+        local_ip = ip_int_to_str(cluster.local_ip_info_list[0][0]) if cluster.local_ip_info_list else "127.0.0.1"
+        try:
+            self._ensure_callback(local_ip if local_ip != "0.0.0.0" else "127.0.0.1")
+            rpc = RpcClient(endpoint(ip_int_to_str(remote_ip), remote_port))
+        except (LLMException, ValueError, TypeError) as exc:
+            logger.error("link to cluster %s failed: %s", cluster.remote_cluster_id, exc)
+            return LLMStatusCode.LLM_LINK_FAILED
+        hello = Hello(reply_endpoint=self.reply_endpoint, **self._identity())
+        try:
+            reply = rpc.call(hello, max(deadline - time.monotonic(), 0.001))
+        except LLMException as exc:
+            rpc.close()
+            logger.error("link to cluster %s at %s failed: %s", cluster.remote_cluster_id, rpc.endpoint, exc)
+            return LLMStatusCode.LLM_LINK_FAILED
+        if not isinstance(reply, HelloReply) or not reply.accepted:
+            rpc.close()
+            code = reply.status_code if isinstance(reply, HelloReply) else LLMStatusCode.LLM_LINK_FAILED
+            logger.error("cluster %s refused the link: %s", cluster.remote_cluster_id,
+                         getattr(reply, "message", reply))
+            return LLMStatusCode(code)
+        self._add(Link(reply.cluster_id, self._peer(reply), rpc, self._engine.options.transfer_backend))
+        logger.info("cluster %d linked with cluster %d (pid %d)", self._engine.cluster_id,
+                    reply.cluster_id, reply.pid)
+        return SUCCESS
+
+    def _peer(self, hello) -> Peer:
+        same_host = hello.host_id == self._host_id
+        return Peer(pid=hello.pid, same_process=same_host and hello.pid == os.getpid(), same_host=same_host)
+
+    def unlink_clusters(self, clusters: List[LLMClusterInfo], timeout_ms: int,
+                        force: bool) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
+        if not clusters:
+            return LLMStatusCode.LLM_PARAM_INVALID, []
+        deadline = time.monotonic() + timeout_ms / 1000.0
+        results = [self._unlink_one(cluster, deadline, force) for cluster in clusters]
+        return _overall(results), results
+
+    def _unlink_one(self, cluster: LLMClusterInfo, deadline: float, force: bool) -> LLMStatusCode:
+        if force:
+            self._drop(cluster.remote_cluster_id)
+            return SUCCESS
+        if len(cluster.remote_ip_info_list) != 1:
+            return LLMStatusCode.LLM_PARAM_INVALID
+        with self._lock:
+            link = self._links.get(cluster.remote_cluster_id)
+        if link is None:
+            return SUCCESS  # unlinking a missing link succeeds in v2
+        try:
+            link.rpc.call(Unlink(requester=self._engine.cluster_id), max(deadline - time.monotonic(), 0.001))
+        except LLMException as exc:
+            logger.error("unlink from cluster %d failed: %s", cluster.remote_cluster_id, exc)
+            return LLMStatusCode.LLM_UNLINK_FAILED
+        self._drop(cluster.remote_cluster_id)
+        return SUCCESS
+
+    # ---- server side -----------------------------------------------------------------------
+    def _handle(self, request: Message, _peer_identity: bytes) -> Message:
+        if isinstance(request, Resolve):
+            self.get(request.requester)  # only linked peers may ask for memory locations
+            return self._responder.resolve(request)
+        if isinstance(request, Release):
+            self.get(request.requester)
+            self._responder.release(request)
+            return Ack()
+        if isinstance(request, Hello):
+            return self._accept(request)
+        if isinstance(request, Unlink):
+            self._drop(request.requester)
+            return Ack()
+        if isinstance(request, Ping):
+            return Pong()
+        fail(LLMStatusCode.LLM_PARAM_INVALID, "unexpected request %s", type(request).__name__)
+
+    def _accept(self, hello: Hello) -> HelloReply:
+        identity = self._identity()
+        if hello.cluster_id == self._engine.cluster_id:
+            return HelloReply(accepted=False, status_code=int(LLMStatusCode.LLM_PARAM_INVALID),
+                              message="a cluster cannot link with its own cluster_id", **identity)
+        # A client that links again (e.g. after a restart) replaces whatever we still hold.
+        rpc = RpcClient(hello.reply_endpoint) if hello.reply_endpoint else None
+        self._add(Link(hello.cluster_id, self._peer(hello), rpc, self._engine.options.transfer_backend))
+        logger.info("cluster %d accepted a link from cluster %d (pid %d)", self._engine.cluster_id,
+                    hello.cluster_id, hello.pid)
+        return HelloReply(accepted=True, status_code=int(SUCCESS), **identity)
+
+    # ---- shutdown --------------------------------------------------------------------------
+    def close(self) -> None:
+        self._server.close()
+        with self._lock:
+            links, self._links = list(self._links.values()), {}
+        for link in links:
+            link.close()
+        self._grant_access()
+
+
+def _overall(results: List[LLMStatusCode]) -> LLMStatusCode:
+    """SUCCESS only if every cluster succeeded, else the last failing code in input order."""
+    failing = [code for code in results if code != SUCCESS]
+    return failing[-1] if failing else SUCCESS

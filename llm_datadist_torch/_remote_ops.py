@@ -1,0 +1,86 @@
+"""The requesting side of pulls and pushes: resolve on the owner, plan, move, release.
+
+One control round trip resolves what the peer names and checks the request there; the bytes
+then move one-sidedly through the link's transport in one call for all tensors; a pull through
+a request key finally tells the owner, which releases the key (spec §14.3).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import defaultdict
+from typing import List, Sequence
+
+from ._cache_table import CacheEntry
+from ._engine import Engine
+from ._links import Link
+from ._serving import geometry_of, wire_geometry
+from ._transfer_plan import Geometry, build_plan
+from .control.messages import Release, Resolve, Resolved
+from .keys import INVALID_ID
+from .status import LLMStatusCode, fail
+from .transport.base import MemoryRegion, TransferItem
+
+
+@dataclasses.dataclass
+class RemoteRef:
+    """What names the remote cache: a key of one of three kinds (spec §14.5)."""
+
+    kind: str  # "cache_key" | "id_index" | "blocks"
+    req_id: int = INVALID_ID
+    prefix_id: int = INVALID_ID
+    model_id: int = 0
+    cache_id: int = -1
+    batch_index: int = 0
+
+
+def transfer(engine: Engine, link: Link, ref: RemoteRef, local: CacheEntry, direction: str, op: str, *,
+             local_slot: int = 0, nbytes: int = -1, src_blocks: Sequence[int] = (),
+             dst_blocks: Sequence[int] = (), src_tensors: Sequence[int] = (),
+             dst_tensors: Sequence[int] = (), release_keys: bool = True) -> int:
+    """Run one pull (`direction="pull"`) or push; returns the bytes moved."""
+    timeout_s = engine.options.sync_kv_timeout_ms / 1000.0
+    deadline = time.monotonic() + timeout_s
+    pulling = direction == "pull"
+    mine = geometry_of(local)
+    request = Resolve(requester=engine.cluster_id, key_kind=ref.kind, req_id=ref.req_id,
+                      prefix_id=ref.prefix_id, model_id=ref.model_id, cache_id=ref.cache_id,
+                      batch_index=ref.batch_index, direction=direction, op=op,
+                      geometry=wire_geometry(mine),
+                      placement=int(local.placement), requester_slot=local_slot, nbytes=nbytes,
+                      src_blocks=list(src_blocks), dst_blocks=list(dst_blocks),
+                      src_tensors=list(src_tensors), dst_tensors=list(dst_tensors))
+    reply = link.call(request, deadline - time.monotonic())
+    if not isinstance(reply, Resolved):
+        fail(LLMStatusCode.LLM_FAILED, "unexpected answer %s from cluster %d", type(reply).__name__,
+             link.cluster_id)
+    theirs = Geometry(*reply.geometry[:3], bool(reply.geometry[3]))
+    src, dst = (theirs, mine) if pulling else (mine, theirs)
+    src_slot, dst_slot = (reply.slot, local_slot) if pulling else (local_slot, reply.slot)
+    plan = build_plan(op, src, dst, src_slot, dst_slot, nbytes, src_blocks, dst_blocks, src_tensors,
+                      dst_tensors)
+    by_transport = defaultdict(list)
+    for src_index, dst_index in plan.pairs:
+        remote_index, local_index = (src_index, dst_index) if pulling else (dst_index, src_index)
+        wire = reply.regions[remote_index]
+        region = MemoryRegion(address=wire.address, nbytes=wire.nbytes, device=wire.device,
+                              shm_name=wire.shm_name, shm_offset=wire.shm_offset)
+        remote_offsets, local_offsets = ((plan.src_offsets, plan.dst_offsets) if pulling
+                                         else (plan.dst_offsets, plan.src_offsets))
+        item = TransferItem(region, remote_offsets, local.raw[local_index], local_offsets, plan.lengths)
+        by_transport[link.transport_for(region)].append(item)
+    moved = 0
+    with engine.table.pinned([] if pulling else [local], [local] if pulling else []):
+        for transport, items in by_transport.items():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                fail(LLMStatusCode.LLM_TIMEOUT, "transfer with cluster %d exceeded %d ms",
+                     link.cluster_id, engine.options.sync_kv_timeout_ms)
+            moved += transport.read(items, remaining) if pulling else transport.write(items, remaining)
+    if pulling and release_keys and reply.release_key is not None:
+        pulled = sorted({pair[0] for pair in plan.pairs})
+        link.call(Release(requester=engine.cluster_id, key=list(reply.release_key), tensors=pulled),
+                  max(deadline - time.monotonic(), 0.05))
+    return moved
+
+

@@ -1,0 +1,101 @@
+"""The owner's side of remote requests: find the cache a peer names, check its plan, answer.
+
+A peer only ever learns the location of memory that was registered for remote access (or
+allocated from a pool) and that belongs to the key it named, and only after the geometry of its
+request was checked here against the owner's own table.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+from ._cache_table import CacheEntry, KeyBinding, blocks_key_identity
+from ._engine import Engine
+from ._transfer_plan import Geometry, build_plan
+from .control.messages import Region, Release, Resolve, Resolved
+from .enums import Placement
+from .keys import INVALID_ID
+from .status import LLMStatusCode, fail, raise_if_false
+
+NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+
+
+def geometry_of(entry: CacheEntry) -> Geometry:
+    return Geometry(entry.num_tensors, entry.slots, entry.tensor_bytes, entry.is_blocks)
+
+
+class Responder:
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
+    def resolve(self, request: Resolve) -> Resolved:
+        with self._engine.operation():
+            entry, slot, binding = self._lookup(request)
+            raise_if_false(entry.remote_accessible,
+                           "cache %d was not registered for remote access", entry.cache_id)
+            if request.placement == Placement.HOST and entry.placement == Placement.HOST:
+                fail(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "host-to-host transfers are not supported")
+            mine = geometry_of(entry)
+            theirs = Geometry(*request.geometry[:3], bool(request.geometry[3]))
+            pulling = request.direction == "pull"
+            src, dst = (mine, theirs) if pulling else (theirs, mine)
+            src_slot, dst_slot = (slot, request.requester_slot) if pulling else (request.requester_slot, slot)
+            plan = build_plan(request.op, src, dst, src_slot, dst_slot, request.nbytes,
+                              request.src_blocks, request.dst_blocks, request.src_tensors,
+                              request.dst_tensors)
+            used = {pair[0] if pulling else pair[1] for pair in plan.pairs}
+            regions = {}
+            for index in used:
+                region = self._engine.region(entry, index)
+                regions[index] = Region(address=region.address, nbytes=region.nbytes,
+                                        device=region.device, shm_name=region.shm_name,
+                                        shm_offset=region.shm_offset)
+            release_key = None
+            if pulling and binding is not None and binding.releasable:
+                release_key = self._engine.table.identity_of(binding)
+            return Resolved(cache_id=entry.cache_id, geometry=wire_geometry(mine),
+                            placement=int(entry.placement), slot=slot, regions=regions,
+                            release_key=release_key)
+
+    def release(self, request: Release) -> None:
+        """The peer finished pulling these tensors through a request key."""
+        with self._engine.operation():
+            binding = self._engine.table.binding(tuple(request.key))
+            if binding is not None:
+                self._engine.table.mark_pulled(binding, request.tensors)
+
+    def _lookup(self, request: Resolve) -> Tuple[CacheEntry, int, Optional[KeyBinding]]:
+        table = self._engine.table
+        if request.key_kind == "blocks":
+            binding = table.binding(blocks_key_identity(request.model_id))
+            if binding is None:
+                fail(NOT_EXIST, "no blocks cache is bound to model_id %d", request.model_id)
+            raise_if_false(binding.entry.is_blocks, "model_id %d names a contiguous cache",
+                           request.model_id)
+            return binding.entry, 0, None
+        if request.key_kind == "cache_key":
+            if request.prefix_id != INVALID_ID:
+                identity = ("prefix", request.prefix_id, request.model_id)
+            else:
+                identity = ("req", request.req_id, request.model_id)
+            binding = table.binding(identity)
+            if binding is None:
+                fail(NOT_EXIST, "cache key %s is not bound (never, or already pulled / removed)",
+                     identity)
+            raise_if_false(not binding.entry.is_blocks, "cache key %s names a blocks cache", identity)
+            return binding.entry, binding.slot, binding
+        entry = table.lookup_by_id(request.cache_id)
+        if entry is None:
+            fail(NOT_EXIST, "cache %d does not exist", request.cache_id)
+        if entry.is_blocks:
+            raise_if_false(request.batch_index == 0, "batch_index must be 0 for a blocks cache")
+            return entry, 0, None
+        if request.batch_index >= entry.slots:
+            fail(NOT_EXIST, "cache %d has no batch index %d", request.cache_id, request.batch_index)
+        binding = table.binding_of_slot(entry, request.batch_index)
+        if binding is None and not entry.handle_valid:
+            fail(NOT_EXIST, "cache %d was deallocated", request.cache_id)
+        return entry, request.batch_index, binding
+
+
+def wire_geometry(geometry: Geometry) -> list:
+    return [geometry.num_tensors, geometry.slots, geometry.tensor_bytes, int(geometry.is_blocks)]

@@ -1,0 +1,142 @@
+"""Control-plane messages: frozen, tagged msgspec Structs, encoded as msgpack (never pickle).
+
+To add a message: define a Struct deriving from `Message` with a new, unique ``tag`` and append
+it to `MESSAGE_TYPES`. Tags, not class names, go on the wire, so classes may be renamed freely;
+a tag must never be reused for a different meaning. Adding a message type, or a field with a
+default, is backwards-compatible for decoders that know it; anything else bumps PROTOCOL_VERSION.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import msgspec
+
+# Wire frame (codec.py): msgpack array ``[protocol_version, message]``. Element 0 stays the
+# version in every future version, so a peer can always tell "other version" from "garbage".
+# History:
+#   1 - first version: Hello/HelloReply, Ping/Pong, ErrorReply, Resolve/Resolved, Release,
+#       Unlink, Ack.
+PROTOCOL_VERSION = 1
+
+
+class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
+    """Base of every control message; the subclass's ``tag`` names it on the wire."""
+
+
+class _PeerIdentity(Message, frozen=True, kw_only=True):
+    """Who a side is; sent by both sides of the handshake."""
+
+    protocol_version: int = PROTOCOL_VERSION
+    cluster_id: int
+    role: str  # "prompt" / "decoder" / "" (a client that serves nothing)
+    host_id: str  # host.local_host_id(): equal ids mean the same kernel
+    pid: int
+    device_kind: str  # "cpu", "cuda", "npu", ...
+    transports: list[str]  # data-plane transports this side can serve, in preference order
+
+
+class Hello(_PeerIdentity, tag="hello", frozen=True, kw_only=True):
+    """Handshake request, the first exchange on every link."""
+
+    reply_endpoint: str = ""  # where the caller's own server listens; "" when it has none
+
+
+class HelloReply(_PeerIdentity, tag="hello_reply", frozen=True, kw_only=True):
+    """Handshake answer: the server's identity and whether it accepts the link."""
+
+    accepted: bool
+    status_code: int  # LLMStatusCode value; LLM_SUCCESS when accepted
+    message: str = ""
+
+
+class Ping(Message, tag="ping", frozen=True, kw_only=True):
+    """Liveness probe."""
+
+
+class Pong(Message, tag="pong", frozen=True, kw_only=True):
+    """Answer to `Ping`."""
+
+
+class ErrorReply(Message, tag="error", frozen=True, kw_only=True):
+    """A request failed on the serving side; the client raises LLMException(status_code)."""
+
+    status_code: int  # LLMStatusCode value
+    message: str
+
+
+class Region(msgspec.Struct, frozen=True, kw_only=True):
+    """Where one cache tensor of the owner lives (not a message; part of `Resolved`)."""
+
+    address: int
+    nbytes: int
+    device: str
+    shm_name: str = ""
+    shm_offset: int = 0
+
+
+class Resolve(Message, tag="resolve", frozen=True, kw_only=True):
+    """Requester -> owner: name a cache by key and describe the pull or push to be checked."""
+
+    requester: int  # the requester's cluster id; it must be linked with the owner
+    key_kind: str  # "cache_key" | "id_index" | "blocks"
+    req_id: int
+    prefix_id: int
+    model_id: int
+    cache_id: int
+    batch_index: int
+    direction: str  # "pull" (owner is the source) | "push" (owner is the destination)
+    op: str  # "c2c" | "b2b" | "c2b"
+    geometry: list[int]  # requester's cache: [num_tensors, slots, tensor_bytes, is_blocks]
+    placement: int
+    requester_slot: int
+    nbytes: int
+    src_blocks: list[int]
+    dst_blocks: list[int]
+    src_tensors: list[int]
+    dst_tensors: list[int]
+
+
+class Resolved(Message, tag="resolved", frozen=True, kw_only=True):
+    """Owner -> requester: the checked cache's geometry and the regions the request may use."""
+
+    cache_id: int
+    geometry: list[int]
+    placement: int
+    slot: int
+    regions: dict[int, Region]
+    release_key: Optional[tuple[str, int, int]] = None  # report a pull through this key
+
+
+class Release(Message, tag="release", frozen=True, kw_only=True):
+    """Requester -> owner: these tensors were pulled through `key`."""
+
+    requester: int
+    key: list[Union[str, int]]
+    tensors: list[int]
+
+
+class Unlink(Message, tag="unlink", frozen=True, kw_only=True):
+    """Requester -> owner: drop the link with `requester`."""
+
+    requester: int
+
+
+class Ack(Message, tag="ack", frozen=True, kw_only=True):
+    """A request succeeded and has nothing to return."""
+
+
+# Every type the codec can decode. Append new message types here.
+MESSAGE_TYPES = (
+    Hello,
+    HelloReply,
+    Ping,
+    Pong,
+    ErrorReply,
+    Resolve,
+    Resolved,
+    Release,
+    Unlink,
+    Ack,
+)
+
+AnyMessage = Union[MESSAGE_TYPES]  # type: ignore[valid-type]
