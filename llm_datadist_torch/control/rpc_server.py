@@ -230,7 +230,7 @@ class RpcServer:
     def _fail_pending_commands(self) -> None:
         while True:
             try:
-                _, endpoint, box, done = self._commands.get_nowait()
+                _, _, box, done = self._commands.get_nowait()
             except queue.Empty:
                 return
             box.append((False, LLMException(f"rpc server {self._name} is closed",
