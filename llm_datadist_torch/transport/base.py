@@ -1,0 +1,252 @@
+"""The data-plane interface: move byte segments between local and remote cache tensors.
+
+The manager reduces every transfer, once and vectorised, to a list of `TransferItem`s (segments
+between one remote tensor and one local raw tensor); a `Transport` checks all of them and then
+moves the bytes in as few native calls as it can.
+
+Timeouts: every backend here is a synchronous memcpy or syscall that cannot be interrupted,
+so `timeout_s` is checked once, before any byte moves: a deadline already passed
+(`timeout_s <= 0`) fails with `LLM_TIMEOUT`; `None` means no limit. A copy that overruns a
+positive timeout completes and is logged, not failed: its bytes are already in place.
+"""
+from __future__ import annotations
+
+import abc
+import dataclasses
+import logging
+import threading
+import time
+from typing import ClassVar, List, Optional, Sequence, Tuple
+
+import torch
+
+from .. import _C
+from .._segments import COPY_THREADS, SegmentBatch, copy_batches
+from ..status import LLMStatusCode, fail
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryRegion:
+    """One remote cache tensor, as its owner describes it."""
+
+    address: int         # absolute address in the owner process
+    nbytes: int          # bytes of the tensor
+    device: str = "cpu"  # torch device string of the memory ("cpu", "cuda:0", ...)
+    shm_name: str = ""   # /dev/shm file holding it ("" if not in an shm arena)
+    shm_offset: int = 0  # offset of the tensor inside that file
+
+
+@dataclasses.dataclass(frozen=True)
+class Peer:
+    """The process on the other end of a link."""
+
+    pid: int
+    same_process: bool
+    same_host: bool
+
+
+@dataclasses.dataclass
+class TransferItem:
+    """Segments `remote[remote_offsets[i]:+lengths[i]] <-> local[local_offsets[i]:+lengths[i]]`."""
+
+    region: MemoryRegion
+    remote_offsets: torch.Tensor  # int64 CPU, byte offsets inside the remote tensor
+    local: torch.Tensor           # local raw 1-D uint8 tensor (CPU or device)
+    local_offsets: torch.Tensor   # int64 CPU
+    lengths: torch.Tensor         # int64 CPU
+
+
+@dataclasses.dataclass
+class Segments:
+    """All segments of a list of items, concatenated; `counts[i]` belong to item i."""
+
+    counts: torch.Tensor
+    remote_offsets: torch.Tensor
+    local_offsets: torch.Tensor
+    lengths: torch.Tensor
+
+    @property
+    def total_bytes(self) -> int:
+        return int(self.lengths.sum()) if self.lengths.numel() else 0
+
+    def addresses(self, remote_bases: Sequence[int], local_bases: Sequence[int]
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Absolute (remote, local) addresses: per-item base + offset, vectorised."""
+        def expand(bases):
+            return torch.tensor(bases, dtype=torch.int64).repeat_interleave(self.counts)
+        return (expand(remote_bases) + self.remote_offsets,
+                expand(local_bases) + self.local_offsets)
+
+
+def _describe(peer: Peer, region: MemoryRegion) -> str:
+    where = f"{region.device} 0x{region.address:x} ({region.nbytes} bytes"
+    if region.shm_name:
+        where += f", /dev/shm/{region.shm_name}+{region.shm_offset}"
+    return f"peer pid {peer.pid}, region {where})"
+
+
+def check_items(peer: Peer, items: Sequence[TransferItem]) -> Segments:
+    """Validate every item and segment before any memory is touched -> `LLM_PARAM_INVALID`.
+
+    Each segment must lie in `[0, region.nbytes)` and inside `local`; the checks run on the
+    concatenated segments at once, so their cost does not grow with a Python loop per block.
+    """
+    counts: List[int] = []
+    for item in items:
+        _check_item_shapes(peer, item)
+        counts.append(item.lengths.numel())
+    empty = torch.empty(0, dtype=torch.int64)
+    if not items:
+        return Segments(empty, empty, empty, empty)
+    seg = Segments(torch.tensor(counts, dtype=torch.int64),
+                   torch.cat([item.remote_offsets for item in items]),
+                   torch.cat([item.local_offsets for item in items]),
+                   torch.cat([item.lengths for item in items]))
+    if not seg.lengths.numel():
+        return seg
+    for side, offsets, limits in (
+            ("remote", seg.remote_offsets, [item.region.nbytes for item in items]),
+            ("local", seg.local_offsets, [item.local.numel() for item in items])):
+        limit = torch.tensor(limits, dtype=torch.int64).repeat_interleave(seg.counts)
+        # Offsets and lengths are each capped first, so `offsets + lengths` cannot overflow.
+        bad = ((offsets < 0) | (seg.lengths < 0) | (offsets > limit) | (seg.lengths > limit)
+               | (offsets + seg.lengths > limit))
+        if bool(bad.any()):
+            first = int(bad.nonzero()[0])
+            index = int(torch.searchsorted(seg.counts.cumsum(0), first, right=True))
+            item = items[index]
+            fail(LLMStatusCode.LLM_PARAM_INVALID,
+                 "%s segment [%d, +%d) of item %d is outside its %s tensor of %d bytes (%s)",
+                 side, int(offsets[first]), int(seg.lengths[first]), index, side,
+                 int(limit[first]), _describe(peer, item.region))
+    return seg
+
+
+def _check_item_shapes(peer: Peer, item: TransferItem) -> None:
+    local = item.local
+    if local.dtype != torch.uint8 or local.dim() != 1 or not local.is_contiguous():
+        fail(LLMStatusCode.LLM_PARAM_INVALID,
+             "local tensor must be a contiguous 1-D uint8 tensor, got %s %s (%s)",
+             local.dtype, tuple(local.shape), _describe(peer, item.region))
+    n = item.lengths.numel()
+    for name in ("remote_offsets", "local_offsets", "lengths"):
+        t = getattr(item, name)
+        if t.dtype != torch.int64 or t.device.type != "cpu" or t.dim() != 1 or t.numel() != n:
+            fail(LLMStatusCode.LLM_PARAM_INVALID,
+                 "%s must be a 1-D int64 CPU tensor of %d entries, got %s %s on %s (%s)",
+                 name, n, t.dtype, tuple(t.shape), t.device, _describe(peer, item.region))
+    if item.region.nbytes < 0:
+        fail(LLMStatusCode.LLM_PARAM_INVALID, "negative region size (%s)",
+             _describe(peer, item.region))
+
+
+class Transport(abc.ABC):
+    """Reads and writes segments of one peer's memory; one instance per link and backend.
+
+    `read`/`write` validate everything, then call `_transfer` once. Subclasses implement
+    `can_serve` (a declared capability, never a trial copy), `_transfer`, and `_release`.
+    Methods may be called from several threads; `close()` waits for copies in flight.
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self, peer: Peer):
+        self.peer = peer
+        self._closed = False
+        self._cond = threading.Condition()
+        self._active = 0  # copies in flight; close() must not unmap under them
+
+    @classmethod
+    @abc.abstractmethod
+    def can_serve(cls, peer: Peer, region: MemoryRegion) -> bool:
+        """Whether this backend can move bytes of `region` owned by `peer`."""
+
+    def read(self, items: Sequence[TransferItem], timeout_s: Optional[float]) -> int:
+        """Copy remote -> local; returns the bytes moved."""
+        return self._run(items, timeout_s, to_remote=False)
+
+    def write(self, items: Sequence[TransferItem], timeout_s: Optional[float]) -> int:
+        """Copy local -> remote; returns the bytes moved."""
+        return self._run(items, timeout_s, to_remote=True)
+
+    def close(self) -> None:
+        """Release mappings; idempotent. Waits for copies already running."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            while self._active:
+                self._cond.wait()
+        self._release()
+
+    def _run(self, items: Sequence[TransferItem], timeout_s: Optional[float], to_remote: bool) -> int:
+        with self._cond:
+            if self._closed:
+                fail(LLMStatusCode.LLM_NOT_YET_LINK, "%s transport to peer pid %d is closed",
+                     self.name, self.peer.pid)
+            self._active += 1
+        try:
+            return self._checked_transfer(list(items), timeout_s, to_remote)
+        finally:
+            with self._cond:
+                self._active -= 1
+                self._cond.notify_all()
+
+    def _checked_transfer(self, items: List[TransferItem], timeout_s: Optional[float],
+                          to_remote: bool) -> int:
+        for item in items:
+            if not self.can_serve(self.peer, item.region):
+                fail(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "transport %s cannot serve %s",
+                     self.name, _describe(self.peer, item.region))
+        segments = check_items(self.peer, items)
+        total = segments.total_bytes
+        if total == 0:
+            return 0
+        if timeout_s is not None and timeout_s <= 0:
+            fail(LLMStatusCode.LLM_TIMEOUT, "%s %s of %d bytes with peer pid %d: deadline passed "
+                 "before the copy started", self.name, "write" if to_remote else "read", total,
+                 self.peer.pid)
+        start = time.monotonic()
+        self._transfer(items, segments, to_remote)
+        elapsed = time.monotonic() - start
+        if timeout_s is not None and elapsed > timeout_s:
+            logger.warning("%s copy of %d bytes with peer pid %d took %.3f s, over its %.3f s "
+                           "timeout (completed anyway)", self.name, total, self.peer.pid,
+                           elapsed, timeout_s)
+        return total
+
+    @abc.abstractmethod
+    def _transfer(self, items: List[TransferItem], segments: Segments, to_remote: bool) -> None:
+        """Move the (validated, non-empty) segments; raise `LLMException` on failure."""
+
+    def _release(self) -> None:
+        """Drop whatever the transport holds; called once, with no copy in flight."""
+
+    def describe(self, region: MemoryRegion) -> str:
+        return _describe(self.peer, region)
+
+
+def copy_by_address(items: Sequence[TransferItem], segments: Segments, remote_bases: Sequence[int],
+                    remote_device: str, to_remote: bool) -> None:
+    """Copy between remote memory that is mapped here (at `remote_bases[i]` for item i) and the
+    local tensors: one native call when everything is on CPU, else torch copies on the device."""
+    if remote_device == "cpu" and all(item.local.device.type == "cpu" for item in items):
+        remote, local = segments.addresses(remote_bases, [item.local.data_ptr() for item in items])
+        src, dst = (local, remote) if to_remote else (remote, local)
+        _C.copy_segments(src, dst, segments.lengths, COPY_THREADS)
+        return
+    batches = []
+    for item, base in zip(items, remote_bases):
+        if not item.lengths.numel() or not item.region.nbytes:
+            continue  # nothing to move, and a zero-byte region may have no valid address
+        remote = _C.tensor_from_address(base, [item.region.nbytes], torch.uint8,
+                                        torch.device(remote_device))
+        if to_remote:
+            batches.append(SegmentBatch(item.local, remote, item.local_offsets,
+                                        item.remote_offsets, item.lengths))
+        else:
+            batches.append(SegmentBatch(remote, item.local, item.remote_offsets,
+                                        item.local_offsets, item.lengths))
+    copy_batches(batches)

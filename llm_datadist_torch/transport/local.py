@@ -1,0 +1,29 @@
+"""`local`: both ends of the link live in this process, so the remote memory is just memory."""
+from __future__ import annotations
+
+from typing import List
+
+from .base import (MemoryRegion, Peer, Segments, TransferItem, Transport, check_items,
+                   copy_by_address)
+
+
+class LocalTransport(Transport):
+    """Copies between tensors of one process, CPU or device, straight by address."""
+
+    name = "local"
+
+    @classmethod
+    def can_serve(cls, peer: Peer, region: MemoryRegion) -> bool:
+        return peer.same_process
+
+    def _transfer(self, items: List[TransferItem], segments: Segments, to_remote: bool) -> None:
+        devices = {item.region.device for item in items}
+        if len(devices) == 1:
+            copy_by_address(items, segments, [item.region.address for item in items],
+                            devices.pop(), to_remote)
+            return
+        # Regions on several devices (rare): one batched pass per device.
+        for device in sorted(devices):
+            group = [item for item in items if item.region.device == device]
+            copy_by_address(group, check_items(self.peer, group),
+                            [item.region.address for item in group], device, to_remote)
