@@ -130,9 +130,8 @@ class MemoryArena:
                 pass
             self.shm_path = None
         self.tensor = None
-        if self._mapping is not None:
-            try:
-                self._mapping.close()
-            except BufferError:
-                pass  # user views still export the buffer; the GC unmaps it after them
-            self._mapping = None
+        # Do not mmap.close() here: torch.frombuffer keeps a reference to the mapping but no
+        # buffer export, so close() would succeed and unmap pages that views handed out earlier
+        # still point at (segfault on their next use). Dropping our reference lets the mapping
+        # be unmapped when the last tensor over it is gone.
+        self._mapping = None
