@@ -7,6 +7,7 @@ import threading
 
 class ReadWriteLock:
     def __init__(self):
+        self._held = threading.local()  # this thread's shared depth: re-entry never waits
         self._cond = threading.Condition()
         self._readers = 0
         self._writer = False
@@ -14,14 +15,18 @@ class ReadWriteLock:
 
     @contextlib.contextmanager
     def shared(self):
+        depth = getattr(self._held, "depth", 0)
         with self._cond:
-            # Writers go first so a stream of calls cannot starve finalize().
-            while self._writer or self._writers_waiting:
+            # Writers go first so a stream of calls cannot starve finalize(); a thread that
+            # already holds the lock (e.g. a KvCache freed by the GC inside a call) re-enters.
+            while depth == 0 and (self._writer or self._writers_waiting):
                 self._cond.wait()
             self._readers += 1
+        self._held.depth = depth + 1
         try:
             yield
         finally:
+            self._held.depth = depth
             with self._cond:
                 self._readers -= 1
                 if not self._readers:

@@ -49,6 +49,9 @@ class CacheManager:
         # v1 (KvCacheManager) allocates without a configured pool; v2 needs one.
         self._pool_required = pool_required
         self.linked_via_link = False  # set by LLMDataDist.link(); changes registration defaults
+        # Code of calls reaching a finalized engine (besides register/allocate: LLM_FAILED);
+        # KvCacheManager sets LLM_FAILED (spec §26.12).
+        self.finalized_code = PARAM
 
     # ---- helpers ---------------------------------------------------------------------------
     def _entry(self, cache: Cache) -> CacheEntry:
@@ -169,7 +172,7 @@ class CacheManager:
         self._deallocate(cache)
 
     def _deallocate(self, cache: Cache) -> None:
-        with self._engine.operation(PARAM) as engine:
+        with self._engine.operation(self.finalized_code) as engine:
             self._require_any_pool()
             entry = engine.table.lookup_by_id(cache.cache_id)
             if entry is None or not entry.owned or not entry.handle_valid:
@@ -179,7 +182,7 @@ class CacheManager:
 
     def remove_cache_key(self, cache_key: CacheKey) -> None:
         check_isinstance("cache_key", cache_key, CacheKey)
-        with self._engine.operation(PARAM) as engine:
+        with self._engine.operation(self.finalized_code) as engine:
             self._require_any_pool()
             engine.table.remove_key(cache_key)
 
@@ -197,7 +200,7 @@ class CacheManager:
         raise_if_false(size == -1 or size > 0, "size must be -1 or > 0, got %d", size)
         if req_id is not None:
             check_uint64("req_id", req_id)
-        with self._engine.operation(PARAM) as engine:
+        with self._engine.operation(self.finalized_code) as engine:
             dst_entry, src_entry = self._entry(dst), self._entry(src)
             _local_ops.copy_cache(engine, dst_entry, src_entry, dst_batch_index, src_batch_index,
                                   offset, size)
@@ -212,7 +215,7 @@ class CacheManager:
         for src, dst in pairs:
             if src < 0 or dst < 0:
                 _negative("copy_block_info", min(src, dst))
-        with self._engine.operation(PARAM) as engine:
+        with self._engine.operation(self.finalized_code) as engine:
             _local_ops.copy_blocks(engine, self._entry(cache), pairs)
 
     def swap_blocks(self, src_cache: Cache, dst_cache: Cache, src_to_dst: Dict[int, int]) -> None:
@@ -238,7 +241,7 @@ class CacheManager:
         raise_if_false(_local_ops.swap_direction_ok(src_desc.placement, dst_desc.placement),
                        "swap_blocks copies HOST -> DEVICE or DEVICE -> HOST, not %s -> %s",
                        src_desc.placement, dst_desc.placement)
-        with self._engine.operation(PARAM) as engine:
+        with self._engine.operation(self.finalized_code) as engine:
             _local_ops.swap_blocks(engine, self._swap_side(src_cache), self._swap_side(dst_cache),
                                    block_bytes, list(src_to_dst.items()))
 
@@ -274,7 +277,7 @@ class CacheManager:
         src_tensors, dst_tensors = _transfer_args.pull_tensor_indices(kwargs, cache.cache_desc.num_tensors)
         if isinstance(cache_key, CacheKey):
             _transfer_args.check_request_key(cache_key)
-        with self._engine.operation(PARAM) as engine:
+        with self._engine.operation(self.finalized_code) as engine:
             local = self._entry(cache)
             link = self._remote(engine, cache_key, local)
             raise_if_false(batch_index < local.slots, "batch_index %d >= batch size %d", batch_index, local.slots)
@@ -301,7 +304,7 @@ class CacheManager:
             if isinstance(src_cache_key, CacheKey):
                 _transfer_args.check_request_key(src_cache_key)
             raise_if_false(len(src_blocks) == 0, "src_blocks must be empty when pulling a batch slot")
-        with self._engine.operation(PARAM) as engine:
+        with self._engine.operation(self.finalized_code) as engine:
             local = self._entry(dst_cache)
             link = self._remote(engine, src_cache_key, local)
             transfer(engine, link, _transfer_args.remote_ref(src_cache_key), local, "pull",
@@ -322,7 +325,7 @@ class CacheManager:
             src_layer_range, dst_layer_range, tensor_num_per_layer, src_cache.cache_desc.num_tensors)
         check_int64("size", size)
         raise_if_false(size == -1, "push_cache only supports size=-1")
-        with self._engine.operation(PARAM) as engine:
+        with self._engine.operation(self.finalized_code) as engine:
             local = self._entry(src_cache)
             link = self._remote(engine, dst_cache_key, local)
             raise_if_false(src_batch_index < local.slots, "src_batch_index %d >= batch size %d",
@@ -345,7 +348,7 @@ class CacheManager:
         src_tensors, dst_tensors = _transfer_args.push_tensor_indices(
             src_layer_range, dst_layer_range, tensor_num_per_layer, src_cache.cache_desc.num_tensors)
         self._blocks_model_id(dst_cache_key)
-        with self._engine.operation(PARAM) as engine:
+        with self._engine.operation(self.finalized_code) as engine:
             local = self._entry(src_cache)
             link = self._remote(engine, dst_cache_key, local)
             transfer(engine, link, _transfer_args.remote_ref(dst_cache_key), local, "push", "b2b",
@@ -363,7 +366,7 @@ class CacheManager:
             raise_if_false(info.mem_type == Memtype.MEM_TYPE_DEVICE, "only device memory can be remapped")
             raise_if_false(info.addr != 0, "MemInfo.addr must not be 0")
             raise_if_false(info.size > 0, "MemInfo.size must be > 0")
-        with self._engine.operation(PARAM):
+        with self._engine.operation(self.finalized_code):
             raise_if_false(len(infos) > 0, "mem_infos must not be empty")
 
     # ---- torch views -----------------------------------------------------------------------
@@ -371,7 +374,7 @@ class CacheManager:
         """[torch extension] `[view]` of tensor `tensor_index`, sharing the cache memory."""
         check_isinstance("cache", cache, Cache, allow_none=False)
         check_tensor_index(cache, tensor_index)
-        with self._engine.operation(PARAM) as engine:
+        with self._engine.operation(self.finalized_code) as engine:
             return [wait_and_view(engine, self._entry(cache), tensor_index)]
 
 

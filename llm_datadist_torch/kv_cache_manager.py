@@ -24,6 +24,7 @@ class KvCacheManager:
     def __init__(self, engine: Engine, links=None):
         self._engine = engine
         self._v2 = CacheManager(engine, pool_required=False, links=links)
+        self._v2.finalized_code = LLMStatusCode.LLM_FAILED  # v1 after finalize (§26.12)
 
     def is_initialized(self) -> bool:
         return not self._engine.closed

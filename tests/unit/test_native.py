@@ -6,6 +6,8 @@ import mmap
 import multiprocessing
 import os
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -447,10 +449,9 @@ def test_cma_fault_inside_a_segment_keeps_the_bytes_before_it(pages):
 
 
 def test_cma_dead_pid_is_esrch():
-    pid = os.fork()  # the child only exits, so forking a threaded parent is safe
-    if pid == 0:
-        os._exit(0)
-    assert os.waitpid(pid, 0) == (pid, 0)  # reaped: the pid is gone
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    assert proc.wait(TIMEOUT_S) == 0  # reaped: the pid is gone
+    pid = proc.pid
     out = torch.zeros(8, dtype=torch.uint8)
     with pytest.raises(ProcessLookupError) as info:
         _C.cma_read(pid, _i64([out.data_ptr()]), _i64([out.data_ptr()]), _i64([8]))

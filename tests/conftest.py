@@ -1,0 +1,109 @@
+"""Shared fixtures: initialized `LLMDataDist` instances (v2 and v1) and a shm-leak check."""
+import itertools
+import json
+import os
+
+import pytest
+
+from llm_datadist_torch import LLMConfig, LLMDataDist, LLMRole
+
+SHM_DIR = "/dev/shm"
+DEVICE_POOL_BYTES = 4 << 20
+HOST_POOL_BYTES = 4 << 20
+PAGE_SHIFT = 12
+
+_cluster_ids = itertools.count(1000)
+
+
+def next_cluster_id() -> int:
+    """A cluster id no other instance of this test session uses."""
+    return next(_cluster_ids)
+
+
+def own_shm_files():
+    prefix = f"llm_datadist_torch.{os.getpid()}."
+    return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(prefix))
+
+
+def pool_cfg(memory_size: int, page_shift: int = PAGE_SHIFT) -> str:
+    return json.dumps({"memory_size": memory_size, "page_shift": page_shift})
+
+
+@pytest.fixture
+def cpu_device(monkeypatch):
+    """Caches on CPU whatever accelerator the machine has (Placement.DEVICE = CPU memory)."""
+    monkeypatch.setenv("LLM_DATADIST_TORCH_DEVICE", "cpu")
+
+
+@pytest.fixture
+def no_shm_leak():
+    """After the test (and every instance finalized), no pool file of this process remains."""
+    yield
+    leftover = own_shm_files()
+    assert not leftover, f"shared-memory files left behind: {leftover}"
+
+
+@pytest.fixture
+def make_datadist(no_shm_leak):
+    """Factory: an initialized v2 `LLMDataDist`, finalized at teardown.
+
+    `make_datadist(mem_pool=..., host_pool=..., role=..., cluster_id=..., **config_props)`;
+    a pool argument of `None` leaves that pool out; extra keywords set `LLMConfig` properties.
+    """
+    created = []
+
+    def factory(mem_pool=DEVICE_POOL_BYTES, host_pool=HOST_POOL_BYTES, role=LLMRole.PROMPT,
+                cluster_id=None, **config_props):
+        config = LLMConfig()
+        config.device_id = 0
+        config.enable_cache_manager = True
+        if mem_pool is not None:
+            config.mem_pool_cfg = pool_cfg(mem_pool)
+        if host_pool is not None:
+            config.host_mem_pool_cfg = pool_cfg(host_pool)
+        for name, value in config_props.items():
+            setattr(config, name, value)
+        datadist = LLMDataDist(role, next_cluster_id() if cluster_id is None else cluster_id)
+        created.append(datadist)
+        datadist.init(config.generate_options())
+        return datadist
+
+    yield factory
+    for datadist in created:
+        datadist.finalize()
+
+
+@pytest.fixture
+def datadist(make_datadist):
+    """One v2 instance with a 4 MiB device pool and a 4 MiB host pool (4 KiB pages)."""
+    return make_datadist()
+
+
+@pytest.fixture
+def cache_manager(datadist):
+    return datadist.cache_manager
+
+
+@pytest.fixture
+def make_v1_datadist(no_shm_leak):
+    """Factory: an initialized v1 (KvCacheManager) `LLMDataDist`, DECODER, device 0."""
+    created = []
+
+    def factory(role=LLMRole.DECODER, cluster_id=None, **config_props):
+        config = LLMConfig()
+        config.device_id = 0
+        for name, value in config_props.items():
+            setattr(config, name, value)
+        datadist = LLMDataDist(role, next_cluster_id() if cluster_id is None else cluster_id)
+        created.append(datadist)
+        datadist.init(config.generate_options())
+        return datadist
+
+    yield factory
+    for datadist in created:
+        datadist.finalize()
+
+
+@pytest.fixture
+def v1_datadist(make_v1_datadist):
+    return make_v1_datadist()
