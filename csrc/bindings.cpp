@@ -5,7 +5,6 @@
 #include <c10/core/impl/DeviceGuardImplInterface.h>
 #include <pybind11/stl.h>
 
-#include <cerrno>
 #include <cstdint>
 #include <string>
 #include <tuple>
