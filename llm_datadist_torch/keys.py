@@ -40,7 +40,22 @@ def _cluster_kwarg(params: dict) -> str:
     return "cluster_id" if "cluster_id" in params else "prompt_cluster_id"
 
 
-class CacheKey:
+class _ValueEquality:
+    """Value-based ==/hash over `_value()`: a convenience for users (spec §26.31).
+
+    The cache registry never relies on it; it matches keys by engine identity (§11.3).
+    """
+
+    def __eq__(self, other):
+        if type(other) is not type(self):
+            return NotImplemented
+        return self._value() == other._value()
+
+    def __hash__(self):
+        return hash((type(self).__name__, self._value()))
+
+
+class CacheKey(_ValueEquality):
     """Names one batch slot of a contiguous cache by request id (or prefix id).
 
     ``CacheKey(cluster_id, req_id, model_id=0, prefix_id=2**64-1)``; `prompt_cluster_id` is a
@@ -82,20 +97,13 @@ class CacheKey:
     def _value(self):
         return self._cluster_id, self._req_id, self._model_id, self._prefix_id
 
-    def __eq__(self, other):
-        if not isinstance(other, CacheKey):
-            return NotImplemented
-        return self._value() == other._value()
-
-    def __hash__(self):
-        return hash((CacheKey, self._value()))
 
     def __repr__(self) -> str:
         return (f"CacheKey(cluster_id={self._cluster_id}, req_id={self._req_id}, "
                 f"prefix_id={self._prefix_id}, model_id={self._model_id})")
 
 
-class CacheKeyByIdAndIndex:
+class CacheKeyByIdAndIndex(_ValueEquality):
     """Addresses batch slot `batch_index` of the remote cache `cache_id` on `cluster_id`."""
 
     def __init__(self, cluster_id: int, cache_id: int, batch_index: int = 0):
@@ -122,13 +130,6 @@ class CacheKeyByIdAndIndex:
     def _value(self):
         return self._cluster_id, self._cache_id, self._batch_index
 
-    def __eq__(self, other):
-        if not isinstance(other, CacheKeyByIdAndIndex):
-            return NotImplemented
-        return self._value() == other._value()
-
-    def __hash__(self):
-        return hash((CacheKeyByIdAndIndex, self._value()))
 
     def __repr__(self) -> str:
         return (f"CacheKeyByIdAndIndex(cluster_id={self._cluster_id}, "
@@ -143,7 +144,7 @@ def _check_int_or_none(name: str, value, position: str) -> None:
                         f"but got {type(value).__name__}")
 
 
-class BlocksCacheKey:
+class BlocksCacheKey(_ValueEquality):
     """Names a whole blocks (PagedAttention) cache: ``BlocksCacheKey(cluster_id, model_id=0)``."""
 
     def __init__(self, *args, **kwargs):
@@ -170,13 +171,6 @@ class BlocksCacheKey:
     def _value(self):
         return self._cluster_id, self._model_id
 
-    def __eq__(self, other):
-        if not isinstance(other, BlocksCacheKey):
-            return NotImplemented
-        return self._value() == other._value()
-
-    def __hash__(self):
-        return hash((BlocksCacheKey, self._value()))
 
     def __repr__(self) -> str:
         return (f"BlocksCacheKey({self._cluster_id_key}={self._cluster_id}, "
