@@ -205,21 +205,19 @@ class LinkManager:
             grant_access({link.peer.pid for link in self._links.values() if not link.peer.same_process})
 
     # ---- client side -----------------------------------------------------------------------
-    def link_clusters(self, clusters: List[LLMClusterInfo], timeout_ms: int,
-                      require_local_ip: bool) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
+    def link_clusters(self, clusters: List[LLMClusterInfo], timeout_ms: int
+                      ) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
         if not clusters:
             return LLMStatusCode.LLM_PARAM_INVALID, []
         if len(clusters) > MAX_CLUSTERS_PER_CALL:
             return LLMStatusCode.LLM_CLUSTER_NUM_EXCEED_LIMIT, [LLMStatusCode.LLM_CLUSTER_NUM_EXCEED_LIMIT] * len(clusters)
         deadline = time.monotonic() + timeout_ms / 1000.0
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(16, len(clusters))) as pool:
-            results = list(pool.map(lambda c: self._link_one(c, deadline, require_local_ip), clusters))
+            results = list(pool.map(lambda c: self._link_one(c, deadline), clusters))
         return _overall(results), results
 
-    def _link_one(self, cluster: LLMClusterInfo, deadline: float, require_local_ip: bool) -> LLMStatusCode:
+    def _link_one(self, cluster: LLMClusterInfo, deadline: float) -> LLMStatusCode:
         if len(cluster.remote_ip_info_list) != 1:
-            return LLMStatusCode.LLM_PARAM_INVALID
-        if require_local_ip and len(cluster.local_ip_info_list) != 1:
             return LLMStatusCode.LLM_PARAM_INVALID
         with self._lock:
             existing = self._links.get(cluster.remote_cluster_id)

@@ -130,7 +130,7 @@ class LLMDataDist:
                 raise_if_false(len(cluster.local_ip_info_list) > 0,
                                "local_ip_info_list is empty: call append_local_ip_info")
             check_uint64("remote_cluster_id", cluster.remote_cluster_id)
-        return self._links.link_clusters(list(clusters), timeout, require_local_ip=False)
+        return self._links.link_clusters(list(clusters), timeout)
 
     def unlink_clusters(self, clusters: List[LLMClusterInfo], timeout: int = 3000, force: bool = False
                         ) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
