@@ -1,0 +1,104 @@
+"""pull_cache between two processes: the prompt allocates a KV cache with one request key per
+batch slot, the decoder links to it and pulls every request into its own cache.
+
+Run: python examples/pull_cache.py   (prints one line; exit code 1 if a byte differs)
+"""
+import multiprocessing
+import socket
+import sys
+
+import torch
+
+from llm_datadist_torch import (CacheDesc, CacheKey, DataType, LLMClusterInfo, LLMConfig,
+                                LLMDataDist, LLMRole, LLMStatusCode)
+
+PROMPT_CLUSTER_ID, DECODER_CLUSTER_ID = 1, 2
+NUM_LAYERS, BATCH, SEQ_LEN, HIDDEN = 4, 4, 128, 256
+SHAPE = [BATCH, SEQ_LEN, HIDDEN]  # batch (one request per slot) is dim 0
+
+
+def init_datadist(role, cluster_id, listen_port=None):
+    config = LLMConfig()
+    config.device_id = 0
+    config.enable_cache_manager = True
+    config.mem_pool_cfg = '{"memory_size": 67108864}'
+    if listen_port is not None:
+        config.listen_ip_info = f"127.0.0.1:{listen_port}"
+    datadist = LLMDataDist(role, cluster_id)
+    datadist.init(config.generate_options())
+    return datadist
+
+
+def request_kv(req_id, tensor_index, device):
+    """What request `req_id` holds in cache tensor `tensor_index` (K0, V0, K1, V1, ...)."""
+    return torch.full(SHAPE[1:], req_id * 100 + tensor_index, dtype=torch.float16, device=device)
+
+
+def free_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_prompt(conn):
+    port = free_port()
+    datadist = init_datadist(LLMRole.PROMPT, PROMPT_CLUSTER_ID, listen_port=port)
+    manager = datadist.cache_manager
+    keys = [CacheKey(prompt_cluster_id=PROMPT_CLUSTER_ID, req_id=i, model_id=0) for i in range(BATCH)]
+    cache = manager.allocate_cache(CacheDesc(2 * NUM_LAYERS, SHAPE, DataType.DT_FLOAT16), keys)
+    for index, tensor in enumerate(cache.tensors):
+        for req_id in range(BATCH):
+            tensor[req_id] = request_kv(req_id, index, tensor.device)
+    conn.send(port)               # ready: the decoder may link and pull
+    conn.recv()                   # the decoder is done
+    for key in keys:
+        manager.remove_cache_key(key)  # no-op for keys already consumed by a pull
+    manager.deallocate_cache(cache)
+    datadist.finalize()
+
+
+def run_decoder(conn):
+    datadist = init_datadist(LLMRole.DECODER, DECODER_CLUSTER_ID)
+    manager = datadist.cache_manager
+    cache = manager.allocate_cache(CacheDesc(2 * NUM_LAYERS, SHAPE, DataType.DT_FLOAT16))
+    port = conn.recv()
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = PROMPT_CLUSTER_ID
+    cluster.append_local_ip_info("127.0.0.1", 0)
+    cluster.append_remote_ip_info("127.0.0.1", port)
+    ret, _ = datadist.link_clusters([cluster], 5000)
+    if ret != LLMStatusCode.LLM_SUCCESS:
+        raise RuntimeError(f"link_clusters failed: {ret}")
+    order = list(reversed(range(BATCH)))  # request i lands in slot BATCH-1-i
+    for slot, req_id in enumerate(order):
+        manager.pull_cache(CacheKey(prompt_cluster_id=PROMPT_CLUSTER_ID, req_id=req_id), cache,
+                           batch_index=slot)
+    ok = all(torch.equal(tensor[slot], request_kv(req_id, index, tensor.device))
+             for index, tensor in enumerate(cache.tensors) for slot, req_id in enumerate(order))
+    datadist.unlink_clusters([cluster], 5000)
+    conn.send("done")
+    manager.deallocate_cache(cache)
+    datadist.finalize()
+    print(f"pull_cache: {BATCH} requests x {2 * NUM_LAYERS} tensors of {SHAPE[1:]} pulled, "
+          f"{'all bytes match' if ok else 'MISMATCH'}")
+    sys.exit(0 if ok else 1)
+
+
+def main():
+    ctx = multiprocessing.get_context("spawn")
+    prompt_conn, decoder_conn = ctx.Pipe()
+    processes = [ctx.Process(target=run_prompt, args=(prompt_conn,)),
+                 ctx.Process(target=run_decoder, args=(decoder_conn,))]
+    for process in processes:
+        process.start()
+    prompt_conn.close()  # the children hold the pipe now: if one dies, the other sees EOF
+    decoder_conn.close()
+    for process in processes:
+        process.join(60)
+        if process.is_alive():
+            process.kill()
+    sys.exit(0 if all(p.exitcode == 0 for p in processes) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""Parent-side checks shared by the integration tests: byte models of caches, error codes."""
+import contextlib
+import time
+
+import pytest
+import torch
+
+from agents import as_slots, expected, tensor_bytes
+from harness import ChildError
+from llm_datadist_torch import LLMStatusCode
+
+SYNC_TIMEOUT_MS = 10_000         # long: "fails at once" must not mean "after a timeout"
+FAST_S = 1.0                     # a failure that is not a timeout comes back within this
+C_SHAPE = [4, 8, 16]             # contiguous: 4 batch slots of 256 bytes per tensor
+D_C_SHAPE = [3, 8, 16]           # the decoder's contiguous cache: 3 slots, same stride
+B_SHAPE = [8, 4, 2, 8]           # blocks: 8 blocks of 128 bytes per tensor
+SLOT = tensor_bytes(C_SHAPE) // C_SHAPE[0]
+BLOCK = tensor_bytes(B_SHAPE) // B_SHAPE[0]
+
+
+class Model:
+    """What a cache must contain: one [slots, bytes per slot] uint8 tensor per cache tensor."""
+
+    def __init__(self, seed: int, num_tensors: int, shape):
+        self.shape = list(shape)
+        self.t = expected(seed, num_tensors, shape)
+
+    def check(self, child, name: str) -> None:
+        got = as_slots(child.call("read", name), self.shape[0])
+        assert len(got) == len(self.t), f"{name}: {len(got)} tensors, expected {len(self.t)}"
+        for index, (have, want) in enumerate(zip(got, self.t)):
+            if not torch.equal(have, want):
+                bad = (have != want).nonzero()[0].tolist()
+                pytest.fail(f"{name}: tensor {index} differs first at slot/block {bad[0]} byte "
+                            f"{bad[1]}: got {int(have[bad[0], bad[1]])}, expected "
+                            f"{int(want[bad[0], bad[1]])}")
+
+
+@contextlib.contextmanager
+def raises_code(code: LLMStatusCode, within_s: float = None):
+    """The block raises LLMException(code) in the child, within `within_s` seconds if given."""
+    start = time.monotonic()
+    with pytest.raises(ChildError) as info:
+        yield info
+    elapsed = time.monotonic() - start
+    assert info.value.exc_type == "LLMException", info.value
+    assert info.value.status_code == int(code), (
+        f"expected {code.name}, got {info.value.status_code}: {info.value.message}")
+    if within_s is not None:
+        assert elapsed < within_s, f"{code.name} after {elapsed:.2f} s, expected < {within_s} s"
