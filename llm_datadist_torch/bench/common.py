@@ -1,0 +1,39 @@
+"""Helpers shared by the benchmark suites: timing and the wrong-data error."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+class DataMismatch(Exception):
+    """A measured operation moved wrong bytes; its numbers must not be reported."""
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so that a timer measures the copy and not its launch."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "npu":
+        torch.npu.synchronize(device)
+
+
+def timed(fn: Callable[[], object], *devices: torch.device) -> float:
+    """Seconds one call of `fn` takes, queued work on `devices` included."""
+    for device in devices:
+        synchronize(device)
+    start = time.perf_counter()
+    fn()
+    for device in devices:
+        synchronize(device)
+    return time.perf_counter() - start
+
+
+def median(values) -> float:
+    return statistics.median(values)
+
+
+def gbps(nbytes: int, seconds: float) -> float:
+    return nbytes / seconds / 1e9
