@@ -52,8 +52,8 @@ def copy_blocks(engine: Engine, entry: CacheEntry, pairs: Sequence[Tuple[int, in
                    "copy_blocks: block indices must be in [0, %d)", entry.slots)
     sources, destinations = index[:, 0], index[:, 1]
     # A block written twice, or written and read, needs the sequential order upstream has.
-    dependent = len(set(destinations.tolist())) < len(pairs) or bool(
-        torch.isin(destinations, sources).any())
+    targets = {dst for _, dst in pairs}
+    dependent = len(targets) < len(pairs) or any(src in targets for src, _ in pairs)
     stride = entry.stride
     batches = [SegmentBatch.uniform(raw, raw, sources * stride, destinations * stride, stride)
                for raw in entry.raw]

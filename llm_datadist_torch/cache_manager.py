@@ -232,12 +232,15 @@ class CacheManager:
         raise_if_false(src_desc.num_tensors == dst_desc.num_tensors,
                        "swap_blocks: %d source tensors, %d destination", src_desc.num_tensors,
                        dst_desc.num_tensors)
-        for src, dst in src_to_dst.items():
+        for dst in src_to_dst.values():
             if isinstance(dst, bool) or not isinstance(dst, int):
                 raise TypeError(f"src_to_dst values only support int, but got {type(dst).__name__}")
-            raise_if_false(0 <= src < src_desc.batch_size and 0 <= dst < dst_desc.batch_size,
-                           "swap_blocks: pair %d -> %d out of range (%d / %d blocks)", src, dst,
-                           src_desc.batch_size, dst_desc.batch_size)
+        in_range = [0 <= src < src_desc.batch_size and 0 <= dst < dst_desc.batch_size
+                    for src, dst in src_to_dst.items()]
+        if not all(in_range):
+            src, dst = list(src_to_dst.items())[in_range.index(False)]
+            fail(PARAM, "swap_blocks: pair %d -> %d out of range (%d / %d blocks)", src, dst,
+                 src_desc.batch_size, dst_desc.batch_size)
         raise_if_false(_local_ops.swap_direction_ok(src_desc.placement, dst_desc.placement),
                        "swap_blocks copies HOST -> DEVICE or DEVICE -> HOST, not %s -> %s",
                        src_desc.placement, dst_desc.placement)
