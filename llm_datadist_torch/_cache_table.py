@@ -243,6 +243,26 @@ class CacheTable:
                         self._free_memory(entry)
                 self._changed.notify_all()
 
+    def hold(self, entries: Sequence[CacheEntry]) -> Callable[[], None]:
+        """Keep the memory of `entries` from being freed until the returned callable runs (once):
+        a transfer abandoned after a timeout may still touch it."""
+        with self.lock:
+            for entry in entries:
+                entry.pins += 1
+        released = []
+
+        def release() -> None:
+            with self.lock:
+                if released:
+                    return
+                released.append(True)
+                for entry in entries:
+                    entry.pins -= 1
+                    if entry.retired and not entry.pins:
+                        self._free_memory(entry)
+                self._changed.notify_all()
+        return release
+
     def wait_no_writers(self, entry: CacheEntry, timeout_s: float) -> bool:
         """Wait until no transfer is writing into `entry`; False on timeout."""
         with self.lock:

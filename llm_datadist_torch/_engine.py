@@ -69,6 +69,9 @@ class Engine:
         self.pools = {}
         self._state = ReadWriteLock()
         self.closed = False
+        # Told (under the table lock) when remote-accessible memory comes and goes: the Mooncake
+        # agent, once a link started it (_mooncake_agent.py).
+        self.memory_listener = None
         try:
             for placement, config in ((Placement.DEVICE, options.mem_pool),
                                       (Placement.HOST, options.host_mem_pool)):
@@ -132,7 +135,8 @@ class Engine:
                 release = arena.close
             entry = CacheEntry(cache_id, desc.num_tensors, tuple(desc.shape), desc.data_type,
                                desc.placement, is_blocks, owned=True, remote_accessible=True,
-                               tensor_bytes=nbytes, raw=raw, release_memory=release,
+                               tensor_bytes=nbytes, raw=raw,
+                               release_memory=self._announced_release(cache_id, release),
                                shm_name=os.path.basename(arena.shm_path or ""),
                                shm_base=arena.tensor.data_ptr())
             try:
@@ -143,6 +147,7 @@ class Engine:
             except BaseException:
                 release()
                 raise
+            self._announce(entry)
         return entry
 
     def _carve_from_pool(self, placement: Placement, nbytes: int, count: int):
@@ -197,7 +202,7 @@ class Engine:
             entry = CacheEntry(cache_id, desc.num_tensors, tuple(desc.shape), desc.data_type,
                                desc.placement, is_blocks, owned=False,
                                remote_accessible=remote_accessible, tensor_bytes=nbytes, raw=raw,
-                               release_memory=release)
+                               release_memory=self._announced_release(cache_id, release))
             try:
                 if is_blocks:
                     self.table.add_blocks(entry, blocks_model_id, replace=True)
@@ -207,7 +212,25 @@ class Engine:
                 if release is not None:
                     release()
                 raise
+            self._announce(entry)
         return entry
+
+    def _announce(self, entry: CacheEntry) -> None:
+        listener = self.memory_listener
+        if listener is not None:
+            listener.memory_added(entry)
+
+    def _announced_release(self, cache_id: int, release):
+        """`release`, preceded by telling the listener that the memory goes away."""
+        if release is None:
+            return None
+
+        def run():
+            listener = self.memory_listener
+            if listener is not None:
+                listener.memory_removed(cache_id)
+            release()
+        return run
 
     def region(self, entry: CacheEntry, index: int):
         """Where tensor `index` of `entry` lives, as a peer needs to know it."""

@@ -11,6 +11,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+import socket
 import threading
 import time
 from typing import Dict, List, Optional, Tuple
@@ -19,8 +20,8 @@ from ._engine import Engine
 from ._serving import Responder
 from .configs import LLMClusterInfo, ip_int_to_str
 from .control.host import local_host_id
-from .control.messages import (Ack, Hello, HelloReply, Message, Ping, Pong, PROTOCOL_VERSION, Release,
-                               Resolve, Unlink)
+from .control.messages import (Ack, Hello, HelloReply, Message, MooncakeEndpoint, Ping, Pong,
+                               PROTOCOL_VERSION, Release, Resolve, Unlink)
 from .control.rpc_client import RpcClient
 from .control.rpc_server import RpcServer
 from .status import LLMException, LLMStatusCode, fail
@@ -77,6 +78,25 @@ def endpoint(ip: str, port: int) -> str:
     return f"tcp://{ip}:{port}"
 
 
+def _host_of(address: str) -> str:
+    """"tcp://ip:port" -> "ip" ("" if it has no host part)."""
+    return address.split("://", 1)[-1].rsplit(":", 1)[0] if address else ""
+
+
+def _specific(ip: Optional[str]) -> bool:
+    return bool(ip) and ip not in ("0.0.0.0", "*", "::")
+
+
+def _route_ip(peer_host: str) -> str:
+    """The local address the kernel would use to reach `peer_host` (no packet is sent)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((peer_host, 9))
+            return sock.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
 class LinkManager:
     def __init__(self, engine: Engine, role: str):
         self._engine = engine
@@ -88,6 +108,8 @@ class LinkManager:
         self._listen: Optional[str] = None    # public endpoint (listen_ip_info)
         self._callback: Optional[str] = None  # ephemeral endpoint of a client
         self._host_id = local_host_id()
+        self._agent = None  # this engine's Mooncake agent, started by the first link needing it
+        self._agent_lock = threading.Lock()
         self._server.start()
         if engine.options.listen is not None:
             self.listen(*engine.options.listen)
@@ -98,9 +120,61 @@ class LinkManager:
         return self._listen or self._callback or ""
 
     def _identity(self) -> dict:
+        agent = self._agent
         return dict(protocol_version=PROTOCOL_VERSION, cluster_id=self._engine.cluster_id,
                     role=self._role, host_id=self._host_id, pid=os.getpid(),
-                    device_kind=self._engine.device.type, transports=["local", "shm", "cma"])
+                    device_kind=self._engine.device.type,
+                    transports=["local", "shm", "cma"] + (["mooncake"] if agent else []),
+                    mooncake_endpoint=agent.endpoint if agent else "",
+                    mooncake_required=self._mooncake_forced())
+
+    # ---- Mooncake (cross-host data plane) --------------------------------------------------
+    def _mooncake_forced(self) -> bool:
+        return self._engine.options.transfer_backend == "mooncake"
+
+    def _needs_mooncake(self, their) -> bool:
+        """A link needs agents on both ends if either side forces mooncake or the hosts differ."""
+        return (self._mooncake_forced() or their.mooncake_required
+                or their.host_id != self._host_id)
+
+    def _start_mooncake(self, peer_host: str, local_ip: Optional[str] = None):
+        """This engine's Mooncake agent, started on first use; `LLM_FEATURE_NOT_ENABLED` if
+        Mooncake is not installed. It is reached at the listen IP, else at the local IP given to
+        link_clusters, else at the address that routes to the peer."""
+        with self._agent_lock:
+            if self._agent is None:
+                from ._mooncake_agent import MooncakeAgent
+                ip = _host_of(self._listen or "")
+                if not _specific(ip):
+                    # A loopback local IP cannot be reached from a peer that is not local.
+                    usable = _specific(local_ip) and not (
+                        local_ip.startswith("127.") and not peer_host.startswith("127."))
+                    ip = local_ip if usable else _route_ip(peer_host or "127.0.0.1")
+                self._agent = MooncakeAgent(self._engine, ip)
+            return self._agent
+
+    def _hello(self, peer_host: str, local_ip: Optional[str] = None) -> Hello:
+        if self._mooncake_forced():
+            self._start_mooncake(peer_host, local_ip)  # so the server learns our endpoint now
+        return Hello(reply_endpoint=self.reply_endpoint, **self._identity())
+
+    def _complete(self, rpc: RpcClient, hello: Hello, reply: HelloReply, peer_host: str,
+                  local_ip: Optional[str], deadline: float) -> Link:
+        """Client side of an accepted handshake: start our agent if the link needs one and the
+        server does not know it yet (then tell it), and build the link."""
+        if self._needs_mooncake(reply) and not hello.mooncake_endpoint:
+            try:
+                agent = self._start_mooncake(peer_host, local_ip)
+                rpc.call(MooncakeEndpoint(requester=self._engine.cluster_id,
+                                          endpoint=agent.endpoint),
+                         max(deadline - time.monotonic(), 0.001))
+            except LLMException:
+                try:  # the server already holds a link with us: drop it (best effort)
+                    rpc.call(Unlink(requester=self._engine.cluster_id), 0.5)
+                except LLMException:
+                    pass
+                raise
+        return Link(reply.cluster_id, self._peer(reply), rpc, self._engine.options.transfer_backend)
 
     def listen(self, ip: str, port: int) -> None:
         """Serve on ip:port (replacing an earlier listen endpoint on another port)."""
@@ -128,16 +202,26 @@ class LinkManager:
 
     def connect(self, address: str, timeout_s: float) -> LLMStatusCode:
         """Handshake with the server at `address` and keep the link (used by `link()`)."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            hello = self._hello(_host_of(address))
+        except LLMException as exc:
+            return exc.status_code
         rpc = RpcClient(address)
         try:
-            reply = rpc.call(Hello(reply_endpoint=self.reply_endpoint, **self._identity()), timeout_s)
+            reply = rpc.call(hello, timeout_s)
         except LLMException:
             rpc.close()
             return LLMStatusCode.LLM_LINK_FAILED
         if not isinstance(reply, HelloReply) or not reply.accepted:
             rpc.close()
             return LLMStatusCode.LLM_LINK_FAILED
-        self._add(Link(reply.cluster_id, self._peer(reply), rpc, self._engine.options.transfer_backend))
+        try:
+            link = self._complete(rpc, hello, reply, _host_of(address), None, deadline)
+        except LLMException as exc:
+            rpc.close()
+            return exc.status_code
+        self._add(link)
         return SUCCESS
 
     def drop(self, cluster_id: int, notify_timeout_s: float = 0.0) -> None:
@@ -231,7 +315,13 @@ class LinkManager:
         except (LLMException, ValueError, TypeError) as exc:
             logger.error("link to cluster %s failed: %s", cluster.remote_cluster_id, exc)
             return LLMStatusCode.LLM_LINK_FAILED
-        hello = Hello(reply_endpoint=self.reply_endpoint, **self._identity())
+        peer_host = ip_int_to_str(remote_ip)
+        try:
+            hello = self._hello(peer_host, local_ip)
+        except LLMException as exc:
+            rpc.close()
+            logger.error("link to cluster %s failed: %s", cluster.remote_cluster_id, exc)
+            return exc.status_code
         try:
             reply = rpc.call(hello, max(deadline - time.monotonic(), 0.001))
         except LLMException as exc:
@@ -244,14 +334,22 @@ class LinkManager:
             logger.error("cluster %s refused the link: %s", cluster.remote_cluster_id,
                          getattr(reply, "message", reply))
             return LLMStatusCode(code)
-        self._add(Link(reply.cluster_id, self._peer(reply), rpc, self._engine.options.transfer_backend))
+        try:
+            link = self._complete(rpc, hello, reply, peer_host, local_ip, deadline)
+        except LLMException as exc:
+            rpc.close()
+            logger.error("link to cluster %s failed: %s", cluster.remote_cluster_id, exc)
+            return exc.status_code
+        self._add(link)
         logger.info("cluster %d linked with cluster %d (pid %d)", self._engine.cluster_id,
                     reply.cluster_id, reply.pid)
         return SUCCESS
 
     def _peer(self, hello) -> Peer:
         same_host = hello.host_id == self._host_id
-        return Peer(pid=hello.pid, same_process=same_host and hello.pid == os.getpid(), same_host=same_host)
+        return Peer(pid=hello.pid, same_process=same_host and hello.pid == os.getpid(),
+                    same_host=same_host, mooncake_endpoint=hello.mooncake_endpoint,
+                    mooncake_agent=self._agent)
 
     def unlink_clusters(self, clusters: List[LLMClusterInfo], timeout_ms: int,
                         force: bool) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
@@ -293,6 +391,15 @@ class LinkManager:
         if isinstance(request, Unlink):
             self._drop(request.requester)
             return Ack()
+        if isinstance(request, MooncakeEndpoint):
+            link = self.get(request.requester)
+            with link.lock:
+                link.peer = dataclasses.replace(link.peer, mooncake_endpoint=request.endpoint,
+                                                mooncake_agent=self._agent)
+                stale = link.transports.pop("mooncake", None)
+            if stale is not None:
+                stale.close()
+            return Ack()
         if isinstance(request, Ping):
             return Pong()
         fail(LLMStatusCode.LLM_PARAM_INVALID, "unexpected request %s", type(request).__name__)
@@ -302,6 +409,13 @@ class LinkManager:
         if hello.cluster_id == self._engine.cluster_id:
             return HelloReply(accepted=False, status_code=int(LLMStatusCode.LLM_PARAM_INVALID),
                               message="a cluster cannot link with its own cluster_id", **identity)
+        if self._needs_mooncake(hello):
+            try:
+                self._start_mooncake(_host_of(hello.reply_endpoint))
+            except LLMException as exc:
+                return HelloReply(accepted=False, status_code=int(exc.status_code),
+                                  message=str(exc), **identity)
+            identity = self._identity()  # now with our endpoint
         # A client that links again (e.g. after a restart) replaces whatever we still hold.
         rpc = RpcClient(hello.reply_endpoint) if hello.reply_endpoint else None
         self._add(Link(hello.cluster_id, self._peer(hello), rpc, self._engine.options.transfer_backend))
@@ -317,6 +431,10 @@ class LinkManager:
         for link in links:
             link.close()
         self._grant_access()
+        with self._agent_lock:
+            agent, self._agent = self._agent, None
+        if agent is not None:
+            agent.close()
 
 
 def _overall(results: List[LLMStatusCode]) -> LLMStatusCode:

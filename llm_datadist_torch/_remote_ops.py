@@ -18,7 +18,7 @@ from ._serving import geometry_of, wire_geometry
 from ._transfer_plan import Geometry, build_plan
 from .control.messages import Release, Resolve, Resolved
 from .keys import INVALID_ID
-from .status import LLMStatusCode, fail
+from .status import LLMException, LLMStatusCode, fail
 from .transport.base import MemoryRegion, TransferItem
 
 
@@ -76,7 +76,14 @@ def transfer(engine: Engine, link: Link, ref: RemoteRef, local: CacheEntry, dire
             if remaining <= 0:
                 fail(LLMStatusCode.LLM_TIMEOUT, "transfer with cluster %d exceeded %d ms",
                      link.cluster_id, engine.options.sync_kv_timeout_ms)
-            moved += transport.read(items, remaining) if pulling else transport.write(items, remaining)
+            try:
+                moved += transport.read(items, remaining) if pulling else transport.write(items, remaining)
+            except LLMException as exc:
+                in_flight = getattr(exc, "in_flight", None)  # a copy abandoned while running
+                if in_flight is not None:
+                    link.broken = True  # spec §26.26: a timed-out link must be re-linked
+                    in_flight.add_done_callback(engine.table.hold([local]))
+                raise
     if pulling and release_keys and reply.release_key is not None:
         pulled = sorted({pair[0] for pair in plan.pairs})
         link.call(Release(requester=engine.cluster_id, key=list(reply.release_key), tensors=pulled),

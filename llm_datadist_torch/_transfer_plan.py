@@ -99,10 +99,11 @@ def plan_slot_to_blocks(src: Geometry, dst: Geometry, src_slot: int, dst_blocks:
 
 
 def _block_index(blocks: Sequence[int], count: int, side: str) -> torch.Tensor:
-    index = torch.as_tensor(list(blocks), dtype=torch.int64)
-    raise_if_false(bool(((index >= 0) & (index < count)).all()),
+    blocks = list(blocks)
+    # Plain min/max: a few torch ops on tiny tensors cost more than the whole check.
+    raise_if_false(not blocks or (min(blocks) >= 0 and max(blocks) < count),
                    "%s block indices must be in [0, %d)", side, count)
-    return index
+    return torch.tensor(blocks, dtype=torch.int64)
 
 
 def build_plan(op: str, src: Geometry, dst: Geometry, src_slot: int, dst_slot: int, nbytes: int,

@@ -6,6 +6,8 @@ the same two registered over plain torch tensors (read through `cma`). The decod
 it, one `pull_blocks` call for the whole set of blocks, one `pull_cache` call per batch slot,
 and reports GB/s next to `memcpy` (one `copy_` of the same bytes between pre-touched buffers)
 measured in the same run. Plus the latency of a 1-block 16 KiB pull and `link_clusters` time.
+With Mooncake installed, the same over `mooncake` (TCP on loopback; both sides force
+`transfer_backend="mooncake"`, so both listen), labelled "mooncake" (pool caches).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _options(pool_bytes: int, listen: str = "") -> dict:
+def _options(pool_bytes: int, listen: str = "", backend: str = "") -> dict:
     config = LLMConfig()
     config.device_id = 0
     config.enable_cache_manager = True
@@ -38,6 +40,8 @@ def _options(pool_bytes: int, listen: str = "") -> dict:
     config.mem_pool_cfg = '{"memory_size": %d}' % pool_bytes
     if listen:
         config.listen_ip_info = listen
+    if backend:
+        config.transfer_backend = backend
     return config.generate_options()
 
 
@@ -64,9 +68,10 @@ def _serve_caches(datadist: LLMDataDist, total_bytes: int):
     return layouts, keep
 
 
-def _prompt_process(conn, port: int, total_bytes: int) -> None:
+def _prompt_process(conn, port: int, total_bytes: int, backend: str = "") -> None:
     datadist = LLMDataDist(LLMRole.PROMPT, PROMPT_ID)
-    datadist.init(_options(total_bytes * 2 * len(BLOCK_SIZES) + (64 << 20), f"127.0.0.1:{port}"))
+    datadist.init(_options(total_bytes * 2 * len(BLOCK_SIZES) + (64 << 20), f"127.0.0.1:{port}",
+                           backend))
     layouts, _keep = _serve_caches(datadist, total_bytes)
     conn.send(layouts)
     conn.recv()  # parent says: done
@@ -176,6 +181,39 @@ def _cross_process(total_bytes: int, repeats: int) -> list:
         decoder.finalize()
 
 
+def _mooncake_process(total_bytes: int, repeats: int) -> list:
+    """`_cross_process` over mooncake; no rows when Mooncake is not installed."""
+    try:
+        import mooncake.engine  # noqa: F401
+    except ImportError:
+        return []
+    port = _free_port()
+    context = multiprocessing.get_context("spawn")
+    parent, child = context.Pipe()
+    prompt = context.Process(target=_prompt_process, args=(child, port, total_bytes, "mooncake"),
+                             daemon=True)
+    prompt.start()
+    decoder = LLMDataDist(LLMRole.DECODER, DECODER_ID)
+    decoder.init(_options(total_bytes * 2 + (64 << 20), f"127.0.0.1:{_free_port()}", "mooncake"))
+    try:
+        if not parent.poll(120):
+            raise RuntimeError("the prompt process did not start")
+        layouts = parent.recv()
+        link_s = _link(decoder, port)
+        rows = _measure(decoder, layouts, lambda i, layout: (("mooncake", i, layout["shm_slots"]),),
+                        total_bytes, repeats)
+        rows.append(_latency_rows(decoder, 0, "mooncake", calls=300))
+        rows.append({"suite": "transfer", "transport": "mooncake", "op": "link_clusters",
+                     "ms": round(link_s * 1e3, 2)})
+        return rows
+    finally:
+        parent.send("done")
+        prompt.join(30)
+        if prompt.is_alive():
+            prompt.kill()
+        decoder.finalize()
+
+
 def _in_process(total_bytes: int, repeats: int) -> list:
     port = _free_port()
     prompt = LLMDataDist(LLMRole.PROMPT, PROMPT_ID)
@@ -196,4 +234,5 @@ def _in_process(total_bytes: int, repeats: int) -> list:
 
 def run(args) -> list:
     total_bytes = args.total_mib << 20
-    return _cross_process(total_bytes, args.repeats) + _in_process(total_bytes, args.repeats)
+    return (_cross_process(total_bytes, args.repeats) + _in_process(total_bytes, args.repeats)
+            + _mooncake_process(total_bytes, args.repeats))

@@ -15,7 +15,8 @@ import msgspec
 # version in every future version, so a peer can always tell "other version" from "garbage".
 # History:
 #   1 - first version: Hello/HelloReply, Ping/Pong, ErrorReply, Resolve/Resolved, Release,
-#       Unlink, Ack.
+#       Unlink, Ack. Later, compatibly: `mooncake_endpoint`, `mooncake_required` on
+#       Hello/HelloReply; MooncakeEndpoint.
 PROTOCOL_VERSION = 1
 
 
@@ -33,6 +34,8 @@ class _PeerIdentity(Message, frozen=True, kw_only=True):
     pid: int
     device_kind: str  # "cpu", "cuda", "npu", ...
     transports: list[str]  # data-plane transports this side can serve, in preference order
+    mooncake_endpoint: str = ""  # "ip:rpc_port" of this side's Mooncake agent; "" if none runs
+    mooncake_required: bool = False  # this side forces mooncake: the other must run an agent
 
 
 class Hello(_PeerIdentity, tag="hello", frozen=True, kw_only=True):
@@ -125,6 +128,14 @@ class Ack(Message, tag="ack", frozen=True, kw_only=True):
     """A request succeeded and has nothing to return."""
 
 
+class MooncakeEndpoint(Message, tag="mooncake_endpoint", frozen=True, kw_only=True):
+    """Client -> server after the handshake: the client started its Mooncake agent only once the
+    reply showed that the link needs one (peer on another host, or a side forcing mooncake)."""
+
+    requester: int
+    endpoint: str
+
+
 # Every type the codec can decode. Append new message types here.
 MESSAGE_TYPES = (
     Hello,
@@ -137,6 +148,7 @@ MESSAGE_TYPES = (
     Release,
     Unlink,
     Ack,
+    MooncakeEndpoint,
 )
 
 AnyMessage = Union[MESSAGE_TYPES]  # type: ignore[valid-type]

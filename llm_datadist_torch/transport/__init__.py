@@ -7,6 +7,7 @@ from ..status import LLMStatusCode, fail
 from .base import MemoryRegion, Peer, TransferItem, Transport
 from .cma import CmaTransport, grant_access
 from .local import LocalTransport
+from .mooncake import MooncakeTransport
 from .shm import ShmTransport
 
 # Automatic choice tries these in order; adding a backend is one entry here.
@@ -14,6 +15,7 @@ TRANSPORTS: Dict[str, Type[Transport]] = {
     "local": LocalTransport,
     "shm": ShmTransport,
     "cma": CmaTransport,
+    "mooncake": MooncakeTransport,  # cross host; needs agents on both ends
 }
 AUTOMATIC = (None, "", "auto", "hixl")  # upstream's "hixl" means "pick one" here
 
@@ -44,4 +46,5 @@ def choose_transport(peer: Peer, region: MemoryRegion, forced: Optional[str] = N
 
 
 __all__ = ["TRANSPORTS", "choose_transport", "grant_access", "MemoryRegion", "Peer",
-           "TransferItem", "Transport", "LocalTransport", "ShmTransport", "CmaTransport"]
+           "TransferItem", "Transport", "LocalTransport", "ShmTransport", "CmaTransport",
+           "MooncakeTransport"]

@@ -8,6 +8,8 @@ Timeouts: every backend here is a synchronous memcpy or syscall that cannot be i
 so `timeout_s` is checked once, before any byte moves: a deadline already passed
 (`timeout_s <= 0`) fails with `LLM_TIMEOUT`; `None` means no limit. A copy that overruns a
 positive timeout completes and is logged, not failed: its bytes are already in place.
+`mooncake` is the exception: a network transfer can stall, so it stops waiting at the deadline
+(see mooncake.py).
 """
 from __future__ import annotations
 
@@ -45,6 +47,9 @@ class Peer:
     pid: int
     same_process: bool
     same_host: bool
+    mooncake_endpoint: str = ""  # the peer's Mooncake "ip:rpc_port" ("" when it runs none)
+    # This side's Mooncake agent (`_mooncake_agent.MooncakeAgent`) that reaches the peer.
+    mooncake_agent: Optional[object] = dataclasses.field(default=None, compare=False, repr=False)
 
 
 @dataclasses.dataclass
