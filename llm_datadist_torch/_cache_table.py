@@ -89,6 +89,9 @@ class CacheTable:
         self._next_id = 1
         self._entries: Dict[int, CacheEntry] = {}
         self._bindings: Dict[KeyId, KeyBinding] = {}
+        # Called under the lock when an entry stops being what a peer may have cached for it
+        # (retired, or its blocks key rebound): the link layer tells those peers (_links.py).
+        self.on_forget: Optional[Callable[[CacheEntry], None]] = None
 
     # ---- ids and lookups -------------------------------------------------------------------
     def new_id(self) -> int:
@@ -282,6 +285,8 @@ class CacheTable:
     def _unbind(self, identity: KeyId) -> None:
         binding = self._bindings.pop(identity)
         binding.entry.keys.discard(identity)
+        if is_padding(identity):  # a blocks key: peers may have cached what it named
+            self._forget(binding.entry)
 
     def _retire_if_unreferenced(self, entry: CacheEntry) -> None:
         if not entry.handle_valid and not entry.keys:
@@ -290,8 +295,13 @@ class CacheTable:
     def _retire(self, entry: CacheEntry) -> None:
         self._entries.pop(entry.cache_id, None)
         entry.retired = True
+        self._forget(entry)  # may hold the memory until peers dropped their cached descriptors
         if not entry.pins:
             self._free_memory(entry)
+
+    def _forget(self, entry: CacheEntry) -> None:
+        if self.on_forget is not None:
+            self.on_forget(entry)
 
     @staticmethod
     def _free_memory(entry: CacheEntry) -> None:

@@ -14,14 +14,15 @@ import os
 import socket
 import threading
 import time
-from typing import Dict, List, Optional, Tuple
+import queue
+from typing import Dict, List, Optional, Set, Tuple
 
 from ._engine import Engine
 from ._serving import Responder
 from .configs import LLMClusterInfo, ip_int_to_str
 from .control.host import local_host_id
-from .control.messages import (Ack, Hello, HelloReply, Message, MooncakeEndpoint, Ping, Pong,
-                               PROTOCOL_VERSION, Release, Resolve, Unlink)
+from .control.messages import (Ack, Hello, HelloReply, Invalidate, Message, MooncakeEndpoint, Ping,
+                               Pong, PROTOCOL_VERSION, Release, Resolve, Resolved, Unlink)
 from .control.rpc_client import RpcClient
 from .control.rpc_server import RpcServer
 from .status import LLMException, LLMStatusCode, fail
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 SUCCESS = LLMStatusCode.LLM_SUCCESS
 MAX_CLUSTERS_PER_CALL = 16
+INVALIDATE_TIMEOUT_S = 0.5
 
 
 @dataclasses.dataclass(eq=False)
@@ -45,17 +47,50 @@ class Link:
     broken: bool = False
     transports: Dict[str, Transport] = dataclasses.field(default_factory=dict)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    # Requester side: owner answers kept for keys that need no release (see _remote_ops).
+    descriptors: Dict[tuple, Resolved] = dataclasses.field(default_factory=dict)
+    # Owner side: cache ids whose answers this peer may have kept.
+    exported: Set[int] = dataclasses.field(default_factory=set)
 
-    def call(self, request: Message, timeout_s: float) -> Message:
+    def ensure_usable(self) -> None:
         if self.broken or self.rpc is None:
             fail(LLMStatusCode.LLM_NOT_YET_LINK, "link with cluster %d is %s; unlink and link again",
-                 self.cluster_id, "broken by an earlier timeout" if self.broken else "one-way")
+                 self.cluster_id, "broken by an earlier failure" if self.broken else "one-way")
+
+    def call(self, request: Message, timeout_s: float) -> Message:
+        self.ensure_usable()
         try:
             return self.rpc.call(request, max(timeout_s, 0.001))
         except LLMException as exc:
             if exc.status_code == LLMStatusCode.LLM_TIMEOUT:
                 self.broken = True  # spec §26.26: a timed-out link must be re-linked
             raise
+
+    def descriptor(self, key: tuple) -> Optional[Resolved]:
+        with self.lock:
+            return self.descriptors.get(key)
+
+    def remember(self, key: tuple, reply: Resolved) -> None:
+        with self.lock:
+            self.descriptors[key] = reply
+
+    def forget(self, cache_ids) -> None:
+        with self.lock:
+            for key in [k for k, reply in self.descriptors.items() if reply.cache_id in cache_ids]:
+                del self.descriptors[key]
+
+    def check_alive(self) -> None:
+        """A same-host peer that died fails the next one-sided copy at once (no round trip)."""
+        self.ensure_usable()
+        if self.peer.same_host and not self.peer.same_process:
+            try:
+                os.kill(self.peer.pid, 0)
+            except ProcessLookupError:
+                self.broken = True
+                fail(LLMStatusCode.LLM_LINK_FAILED, "cluster %d (pid %d) is gone", self.cluster_id,
+                     self.peer.pid)
+            except PermissionError:
+                pass
 
     def transport_for(self, region: MemoryRegion) -> Transport:
         cls = choose_transport(self.peer, region, self.forced_transport)
@@ -102,7 +137,10 @@ class LinkManager:
         self._engine = engine
         self._role = role
         self._responder = Responder(engine)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()  # the link table; request handlers take it
+        # Endpoint changes wait for the serving thread, so they must never hold `_lock`: the
+        # serving thread may itself be waiting for `_lock` in a handler.
+        self._endpoints_lock = threading.Lock()
         self._links: Dict[int, Link] = {}
         self._server = RpcServer(self._handle, name=f"llm_datadist_torch-{engine.cluster_id}")
         self._listen: Optional[str] = None    # public endpoint (listen_ip_info)
@@ -111,6 +149,11 @@ class LinkManager:
         self._agent = None  # this engine's Mooncake agent, started by the first link needing it
         self._agent_lock = threading.Lock()
         self._server.start()
+        self._invalidations: "queue.Queue" = queue.Queue()
+        self._notifier = threading.Thread(target=self._send_invalidations, daemon=True,
+                                          name=f"llm_datadist_torch-notify-{engine.cluster_id}")
+        self._notifier.start()
+        engine.table.on_forget = self._on_forget
         if engine.options.listen is not None:
             self.listen(*engine.options.listen)
 
@@ -178,7 +221,7 @@ class LinkManager:
 
     def listen(self, ip: str, port: int) -> None:
         """Serve on ip:port (replacing an earlier listen endpoint on another port)."""
-        with self._lock:
+        with self._endpoints_lock:
             wanted = endpoint(ip, port)
             if self._listen is not None:
                 if self._listen.rsplit(":", 1)[1] == str(port):
@@ -190,13 +233,13 @@ class LinkManager:
 
     def bind_extra(self, address: str) -> str:
         """Also serve on `address` (a rank endpoint of a `link()` domain); no-op if bound."""
-        with self._lock:
+        with self._endpoints_lock:
             if address in self._server.endpoints:
                 return address
             return self._server.bind(address)
 
     def unbind_extra(self, address: str) -> None:
-        with self._lock:
+        with self._endpoints_lock:
             if address in self._server.endpoints and address not in (self._listen, self._callback):
                 self._server.unbind(address)
 
@@ -236,7 +279,7 @@ class LinkManager:
         self._drop(cluster_id)
 
     def stop_listening(self) -> None:
-        with self._lock:
+        with self._endpoints_lock:
             if self._listen is not None:
                 self._server.unbind(self._listen)
                 self._listen = None
@@ -246,7 +289,7 @@ class LinkManager:
         return self._listen
 
     def _ensure_callback(self, local_ip: str) -> None:
-        with self._lock:
+        with self._endpoints_lock:
             if self._listen is None and self._callback is None:
                 self._callback = self._server.bind(endpoint(local_ip, 0))
 
@@ -380,8 +423,18 @@ class LinkManager:
     # ---- server side -----------------------------------------------------------------------
     def _handle(self, request: Message, _peer_identity: bytes) -> Message:
         if isinstance(request, Resolve):
-            self.get(request.requester)  # only linked peers may ask for memory locations
-            return self._responder.resolve(request)
+            link = self.get(request.requester)  # only linked peers may ask for memory locations
+            reply = self._responder.resolve(request)
+            if reply.release_key is None:
+                with link.lock:
+                    link.exported.add(reply.cache_id)
+            return reply
+        if isinstance(request, Invalidate):
+            with self._lock:
+                link = self._links.get(request.owner)
+            if link is not None:
+                link.forget(set(request.cache_ids))
+            return Ack()
         if isinstance(request, Release):
             self.get(request.requester)
             self._responder.release(request)
@@ -424,7 +477,41 @@ class LinkManager:
         return HelloReply(accepted=True, status_code=int(SUCCESS), **identity)
 
     # ---- shutdown --------------------------------------------------------------------------
+    # ---- telling peers what they must forget -------------------------------------------------
+    def _on_forget(self, entry) -> None:
+        """(Table lock held.) Peers that may have kept an answer about `entry` must drop it
+        before its memory can be reused: hold the memory until they were told."""
+        with self._lock:
+            links = [link for link in self._links.values() if entry.cache_id in link.exported]
+        if links:
+            self._invalidations.put((entry.cache_id, links, self._engine.table.hold([entry])))
+
+    def _send_invalidations(self) -> None:
+        while True:
+            job = self._invalidations.get()
+            if job is None:
+                return
+            cache_id, links, release = job
+            for link in links:
+                with link.lock:
+                    link.exported.discard(cache_id)
+                if link.rpc is not None and not link.broken:
+                    try:
+                        link.rpc.call(Invalidate(owner=self._engine.cluster_id, cache_ids=[cache_id]),
+                                      INVALIDATE_TIMEOUT_S)
+                    except LLMException as exc:
+                        logger.warning("could not tell cluster %d that cache %d is gone: %s",
+                                       link.cluster_id, cache_id, exc)
+            release()
+
     def close(self) -> None:
+        self._engine.table.on_forget = None
+        self._invalidations.put(None)
+        self._notifier.join(timeout=10)
+        while not self._invalidations.empty():  # jobs queued after the sentinel: free their memory
+            job = self._invalidations.get_nowait()
+            if job is not None:
+                job[2]()
         self._server.close()
         with self._lock:
             links, self._links = list(self._links.values()), {}

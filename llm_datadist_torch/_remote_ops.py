@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import defaultdict
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 from ._cache_table import CacheEntry
 from ._engine import Engine
@@ -17,6 +17,7 @@ from ._links import Link
 from ._serving import geometry_of, wire_geometry
 from ._transfer_plan import Geometry, build_plan
 from .control.messages import Release, Resolve, Resolved
+from .enums import Placement
 from .keys import INVALID_ID
 from .status import LLMException, LLMStatusCode, fail
 from .transport.base import MemoryRegion, TransferItem
@@ -33,6 +34,33 @@ class RemoteRef:
     cache_id: int = -1
     batch_index: int = 0
 
+    @property
+    def reusable_key(self) -> Optional[tuple]:
+        """Key under which the owner's answer may be kept: blocks keys and cache ids name the
+        same memory until the owner says otherwise; request keys are consumed by pulls."""
+        if self.kind == "cache_key":
+            return None
+        return (self.kind, self.model_id, self.cache_id, self.batch_index)
+
+
+def _resolve(engine: Engine, link: Link, ref: RemoteRef, request: Resolve, local: CacheEntry,
+             deadline: float) -> Resolved:
+    """The owner's answer: kept from an earlier request (no round trip), or asked for now."""
+    key = ref.reusable_key
+    reply = link.descriptor(key) if key is not None else None
+    if reply is not None:
+        link.check_alive()
+        if reply.placement == Placement.HOST and local.placement == Placement.HOST:
+            fail(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "host-to-host transfers are not supported")
+        return reply
+    reply = link.call(request(), deadline - time.monotonic())
+    if not isinstance(reply, Resolved):
+        fail(LLMStatusCode.LLM_FAILED, "unexpected answer %s from cluster %d", type(reply).__name__,
+             link.cluster_id)
+    if key is not None and reply.release_key is None:
+        link.remember(key, reply)
+    return reply
+
 
 def transfer(engine: Engine, link: Link, ref: RemoteRef, local: CacheEntry, direction: str, op: str, *,
              local_slot: int = 0, nbytes: int = -1, src_blocks: Sequence[int] = (),
@@ -43,17 +71,16 @@ def transfer(engine: Engine, link: Link, ref: RemoteRef, local: CacheEntry, dire
     deadline = time.monotonic() + timeout_s
     pulling = direction == "pull"
     mine = geometry_of(local)
-    request = Resolve(requester=engine.cluster_id, key_kind=ref.kind, req_id=ref.req_id,
-                      prefix_id=ref.prefix_id, model_id=ref.model_id, cache_id=ref.cache_id,
-                      batch_index=ref.batch_index, direction=direction, op=op,
-                      geometry=wire_geometry(mine),
-                      placement=int(local.placement), requester_slot=local_slot, nbytes=nbytes,
-                      src_blocks=list(src_blocks), dst_blocks=list(dst_blocks),
-                      src_tensors=list(src_tensors), dst_tensors=list(dst_tensors))
-    reply = link.call(request, deadline - time.monotonic())
-    if not isinstance(reply, Resolved):
-        fail(LLMStatusCode.LLM_FAILED, "unexpected answer %s from cluster %d", type(reply).__name__,
-             link.cluster_id)
+
+    def request() -> Resolve:
+        return Resolve(requester=engine.cluster_id, key_kind=ref.kind, req_id=ref.req_id,
+                       prefix_id=ref.prefix_id, model_id=ref.model_id, cache_id=ref.cache_id,
+                       batch_index=ref.batch_index, direction=direction, op=op,
+                       geometry=wire_geometry(mine), placement=int(local.placement),
+                       requester_slot=local_slot, nbytes=nbytes, src_blocks=list(src_blocks),
+                       dst_blocks=list(dst_blocks), src_tensors=list(src_tensors),
+                       dst_tensors=list(dst_tensors))
+    reply = _resolve(engine, link, ref, request, local, deadline)
     theirs = Geometry(*reply.geometry[:3], bool(reply.geometry[3]))
     src, dst = (theirs, mine) if pulling else (mine, theirs)
     src_slot, dst_slot = (reply.slot, local_slot) if pulling else (local_slot, reply.slot)

@@ -39,12 +39,12 @@ class Responder:
             pulling = request.direction == "pull"
             src, dst = (mine, theirs) if pulling else (theirs, mine)
             src_slot, dst_slot = (slot, request.requester_slot) if pulling else (request.requester_slot, slot)
-            plan = build_plan(request.op, src, dst, src_slot, dst_slot, request.nbytes,
-                              request.src_blocks, request.dst_blocks, request.src_tensors,
-                              request.dst_tensors)
-            used = {pair[0] if pulling else pair[1] for pair in plan.pairs}
+            build_plan(request.op, src, dst, src_slot, dst_slot, request.nbytes, request.src_blocks,
+                       request.dst_blocks, request.src_tensors, request.dst_tensors)  # checks only
+            # Every tensor, not only the planned ones: a requester may keep this answer for
+            # later requests on the same cache (it is told when the cache goes away).
             regions = {}
-            for index in used:
+            for index in range(entry.num_tensors):
                 region = self._engine.region(entry, index)
                 regions[index] = Region(address=region.address, nbytes=region.nbytes,
                                         device=region.device, shm_name=region.shm_name,

@@ -16,7 +16,7 @@ import msgspec
 # History:
 #   1 - first version: Hello/HelloReply, Ping/Pong, ErrorReply, Resolve/Resolved, Release,
 #       Unlink, Ack. Later, compatibly: `mooncake_endpoint`, `mooncake_required` on
-#       Hello/HelloReply; MooncakeEndpoint.
+#       Hello/HelloReply; MooncakeEndpoint; Invalidate.
 PROTOCOL_VERSION = 1
 
 
@@ -136,6 +136,14 @@ class MooncakeEndpoint(Message, tag="mooncake_endpoint", frozen=True, kw_only=Tr
     endpoint: str
 
 
+class Invalidate(Message, tag="invalidate", frozen=True, kw_only=True):
+    """Owner -> requester: forget what `Resolved` said about these caches (they are gone, or
+    their blocks key names another cache now)."""
+
+    owner: int
+    cache_ids: list[int]
+
+
 # Every type the codec can decode. Append new message types here.
 MESSAGE_TYPES = (
     Hello,
@@ -149,6 +157,7 @@ MESSAGE_TYPES = (
     Unlink,
     Ack,
     MooncakeEndpoint,
+    Invalidate,
 )
 
 AnyMessage = Union[MESSAGE_TYPES]  # type: ignore[valid-type]

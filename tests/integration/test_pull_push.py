@@ -400,6 +400,7 @@ def test_dead_or_silent_peer_times_out(harness, fault):
     timeout_ms = 1000
     pair = start_pair(harness, decoder_kwargs={"sync_kv_timeout": timeout_ms})
     pair.p.call("allocate", "kv", 2, B_SHAPE, seed=95, blocks=True, model_id=0)
+    pair.p.call("allocate", "other", 2, B_SHAPE, seed=97, blocks=True, model_id=1)
     pair.d.call("allocate", "kv", 2, B_SHAPE, seed=96, blocks=True)
     bkey = key("BlocksCacheKey", pair.pid, 0)
     pair.d.call("pull_blocks", bkey, "kv", [0], [0])  # the link works (and the file is mapped)
@@ -409,7 +410,9 @@ def test_dead_or_silent_peer_times_out(harness, fault):
         pair.p.signal(signal.SIGSTOP)
     start = time.monotonic()
     with pytest.raises(ChildError) as info:
-        pair.d.call("pull_blocks", bkey, "kv", [1], [1], timeout=timeout_ms / 1000 + 5)
+        # A key not pulled before needs the owner to answer: dead or silent, it cannot.
+        pair.d.call("pull_blocks", key("BlocksCacheKey", pair.pid, 1), "kv", [1], [1],
+                    timeout=timeout_ms / 1000 + 5)
     elapsed = time.monotonic() - start
     assert info.value.exc_type == "LLMException", info.value
     assert elapsed < timeout_ms / 1000 + 1.0, f"failed after {elapsed:.2f} s"
@@ -428,5 +431,29 @@ def test_dead_or_silent_peer_times_out(harness, fault):
         pair.p.signal(signal.SIGCONT)
         pair.p.finish()
         assert_no_shm_files(pair.p.pid)
+    pair.d.finish()
+    assert_no_shm_files(pair.d.pid)
+
+
+def test_kept_answer_reads_one_sided_and_notices_a_dead_owner(harness):
+    """A blocks key pulled before needs no round trip: a stopped owner's memory still reads
+    (one-sided, like RDMA), and a killed owner fails the next pull at once."""
+    pair = start_pair(harness, decoder_kwargs={"sync_kv_timeout": 1000})
+    pair.p.call("allocate", "kv", 2, B_SHAPE, seed=98, blocks=True, model_id=0)
+    pair.d.call("allocate", "kv", 2, B_SHAPE, seed=99, blocks=True)
+    bkey = key("BlocksCacheKey", pair.pid, 0)
+    pair.d.call("pull_blocks", bkey, "kv", [0], [0])
+    pair.p.signal(signal.SIGSTOP)
+    pair.d.call("pull_blocks", bkey, "kv", [1], [1])
+    dst, src = Model(99, 2, B_SHAPE), Model(98, 2, B_SHAPE)
+    for i in range(2):
+        dst.t[i][0], dst.t[i][1] = src.t[i][0], src.t[i][1]
+    dst.check(pair.d, "kv")
+    pair.p.signal(signal.SIGCONT)
+    pair.p.kill()
+    with raises_code(LLMStatusCode.LLM_LINK_FAILED, FAST_S):
+        pair.d.call("pull_blocks", bkey, "kv", [2], [2])
+    with raises_code(LLMStatusCode.LLM_NOT_YET_LINK, FAST_S):
+        pair.d.call("pull_blocks", bkey, "kv", [2], [2])
     pair.d.finish()
     assert_no_shm_files(pair.d.pid)

@@ -258,7 +258,11 @@ def test_other_host_picks_mooncake_both_ways(clusters):
     agent = prompt._links._agent
     assert agent._by_cache[registered.cache_id]
     prompt.cache_manager.unregister_cache(registered.cache_id)
-    assert registered.cache_id not in agent._by_cache
+    # The decoder kept the answer about this cache: the memory goes once it was told to forget.
+    deadline = time.monotonic() + 5
+    while registered.cache_id in agent._by_cache:
+        assert time.monotonic() < deadline, "the unregistered cache stayed registered with Mooncake"
+        time.sleep(0.005)
 
 
 @pytest.mark.skipif(_mooncake_missing() is not None, reason=_mooncake_missing() or "")

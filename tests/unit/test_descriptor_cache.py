@@ -1,0 +1,84 @@
+"""A requester keeps the owner's answer for blocks keys and cache ids, and forgets it when told.
+
+Two clusters in one process (local transport), linked over real sockets on 127.0.0.1.
+"""
+import time
+
+import pytest
+import torch
+
+from llm_datadist_torch import (BlocksCacheKey, CacheDesc, CacheKeyByIdAndIndex, DataType,
+                                LLMClusterInfo, LLMException, LLMStatusCode, Placement)
+
+SHAPE = [8, 256]
+
+
+@pytest.fixture
+def pair(make_datadist):
+    owner = make_datadist(listen_ip_info="127.0.0.1:0")
+    puller = make_datadist()
+    port = int(owner._links.listening.rsplit(":", 1)[1])
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = owner.cluster_id
+    cluster.append_local_ip_info("127.0.0.1", 0)
+    cluster.append_remote_ip_info("127.0.0.1", port)
+    assert puller.link_clusters([cluster], 3000)[0] == LLMStatusCode.LLM_SUCCESS
+    return owner, puller
+
+
+def _registered(manager, fill, key):
+    tensors = [torch.full(SHAPE, fill, dtype=torch.int32) for _ in range(2)]
+    cache = manager.register_blocks_cache(CacheDesc(2, SHAPE, DataType.DT_INT32, Placement.DEVICE),
+                                          [t.data_ptr() for t in tensors], key)
+    return cache, tensors
+
+
+def _wait_forgotten(link, deadline_s=5.0):
+    end = time.monotonic() + deadline_s
+    while link.descriptors:
+        assert time.monotonic() < end, "the owner's invalidation never arrived"
+        time.sleep(0.005)
+
+
+def test_blocks_answer_is_kept_and_forgotten_on_rebind(pair):
+    owner, puller = pair
+    key = BlocksCacheKey(owner.cluster_id, 0)
+    _, first = _registered(owner.cache_manager, 1, key)
+    local = puller.cache_manager.allocate_blocks_cache(CacheDesc(2, SHAPE, DataType.DT_INT32))
+    puller.cache_manager.pull_blocks(key, local, [2], [0])
+    link = puller._links.get(owner.cluster_id)
+    assert len(link.descriptors) == 1
+    first[0][3].fill_(7)
+    puller.cache_manager.pull_blocks(key, local, [3], [1])  # served from the kept answer
+    assert torch.equal(local.tensors[0][1], first[0][3])
+
+    _, second = _registered(owner.cache_manager, 2, key)  # newest registration wins the key
+    _wait_forgotten(link)
+    puller.cache_manager.pull_blocks(key, local, [4], [2])
+    assert bool((local.tensors[0][2] == 2).all()) and bool((local.tensors[1][2] == 2).all())
+
+
+def test_deallocated_caches_are_not_found_after_invalidation(pair):
+    owner, puller = pair
+    desc = lambda: CacheDesc(2, SHAPE, DataType.DT_INT32, Placement.DEVICE)  # noqa: E731
+    blocks = owner.cache_manager.allocate_blocks_cache(desc(), BlocksCacheKey(owner.cluster_id, 5))
+    slots = owner.cache_manager.allocate_cache(desc())
+    for tensor in blocks.tensors + slots.tensors:
+        tensor.fill_(9)
+    local_blocks = puller.cache_manager.allocate_blocks_cache(desc())
+    local_slots = puller.cache_manager.allocate_cache(desc())
+    by_id = CacheKeyByIdAndIndex(owner.cluster_id, slots.cache_id, 3)
+    puller.cache_manager.pull_blocks(BlocksCacheKey(owner.cluster_id, 5), local_blocks, [0], [0])
+    puller.cache_manager.pull_cache(by_id, local_slots, 1)
+    assert bool((local_blocks.tensors[1][0] == 9).all()) and bool((local_slots.tensors[1][1] == 9).all())
+    link = puller._links.get(owner.cluster_id)
+    assert len(link.descriptors) == 2
+    owner.cache_manager.deallocate_blocks_cache(blocks)
+    owner.cache_manager.deallocate_cache(slots)
+    _wait_forgotten(link)
+    with pytest.raises(LLMException) as info:
+        puller.cache_manager.pull_blocks(BlocksCacheKey(owner.cluster_id, 5), local_blocks, [0], [2])
+    assert info.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+    with pytest.raises(LLMException) as info:
+        puller.cache_manager.pull_cache(by_id, local_slots, 2)
+    assert info.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
