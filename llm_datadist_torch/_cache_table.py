@@ -126,6 +126,12 @@ class CacheTable:
                     return found
             return None
 
+    def keyed_slots(self, entry: CacheEntry) -> List[int]:
+        """Slots of `entry` that a request or prefix key is bound to."""
+        with self.lock:
+            return sorted({self._bindings[identity].slot for identity in entry.keys
+                           if not is_padding(identity)})
+
     def entries(self) -> List[CacheEntry]:
         with self.lock:
             return list(self._entries.values())
@@ -187,6 +193,8 @@ class CacheTable:
             if entry.is_blocks:
                 for identity in list(entry.keys):
                     self._unbind(identity)
+            elif entry.keys:  # kept alive by keys, but no longer reachable by its cache id
+                self._forget(entry)
             self._retire_if_unreferenced(entry)
 
     def remove_key(self, key: CacheKey) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import defaultdict
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 from ._cache_table import CacheEntry
 from ._engine import Engine
@@ -40,26 +40,35 @@ class RemoteRef:
         same memory until the owner says otherwise; request keys are consumed by pulls."""
         if self.kind == "cache_key":
             return None
-        return (self.kind, self.model_id, self.cache_id, self.batch_index)
+        return (self.kind, self.model_id if self.kind == "blocks" else self.cache_id)
 
 
-def _resolve(engine: Engine, link: Link, ref: RemoteRef, request: Resolve, local: CacheEntry,
-             deadline: float) -> Resolved:
-    """The owner's answer: kept from an earlier request (no round trip), or asked for now."""
+def _resolve(engine: Engine, link: Link, ref: RemoteRef, request, local: CacheEntry,
+             deadline: float) -> Tuple[Resolved, int]:
+    """The owner's answer and the remote slot: kept from an earlier request, or asked for now.
+
+    A pull by cache id of a slot that a key is bound to always asks: the owner releases the
+    key after it (spec §14.3).
+    """
     key = ref.reusable_key
     reply = link.descriptor(key) if key is not None else None
-    if reply is not None:
+    if reply is not None and (ref.kind == "blocks" or ref.batch_index not in reply.keyed_slots):
         link.check_alive()
         if reply.placement == Placement.HOST and local.placement == Placement.HOST:
             fail(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "host-to-host transfers are not supported")
-        return reply
+        if ref.kind == "blocks":
+            return reply, 0
+        if not reply.geometry[3] and ref.batch_index >= reply.geometry[1]:
+            fail(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, "cache %d of cluster %d has no batch index %d",
+                 ref.cache_id, link.cluster_id, ref.batch_index)
+        return reply, ref.batch_index
     reply = link.call(request(), deadline - time.monotonic())
     if not isinstance(reply, Resolved):
         fail(LLMStatusCode.LLM_FAILED, "unexpected answer %s from cluster %d", type(reply).__name__,
              link.cluster_id)
     if key is not None and reply.release_key is None:
         link.remember(key, reply)
-    return reply
+    return reply, reply.slot
 
 
 def transfer(engine: Engine, link: Link, ref: RemoteRef, local: CacheEntry, direction: str, op: str, *,
@@ -80,10 +89,10 @@ def transfer(engine: Engine, link: Link, ref: RemoteRef, local: CacheEntry, dire
                        requester_slot=local_slot, nbytes=nbytes, src_blocks=list(src_blocks),
                        dst_blocks=list(dst_blocks), src_tensors=list(src_tensors),
                        dst_tensors=list(dst_tensors))
-    reply = _resolve(engine, link, ref, request, local, deadline)
+    reply, remote_slot = _resolve(engine, link, ref, request, local, deadline)
     theirs = Geometry(*reply.geometry[:3], bool(reply.geometry[3]))
     src, dst = (theirs, mine) if pulling else (mine, theirs)
-    src_slot, dst_slot = (reply.slot, local_slot) if pulling else (local_slot, reply.slot)
+    src_slot, dst_slot = (remote_slot, local_slot) if pulling else (local_slot, remote_slot)
     plan = build_plan(op, src, dst, src_slot, dst_slot, nbytes, src_blocks, dst_blocks, src_tensors,
                       dst_tensors)
     by_transport = defaultdict(list)

@@ -54,7 +54,8 @@ class Responder:
                 release_key = self._engine.table.identity_of(binding)
             return Resolved(cache_id=entry.cache_id, geometry=wire_geometry(mine),
                             placement=int(entry.placement), slot=slot, regions=regions,
-                            release_key=release_key)
+                            release_key=release_key,
+                            keyed_slots=self._engine.table.keyed_slots(entry))
 
     def release(self, request: Release) -> None:
         """The peer finished pulling these tensors through a request key."""

@@ -17,14 +17,18 @@ def tensor_num_per_layer(value) -> int:
 
 
 def block_list(name: str, blocks) -> List[int]:
-    """A list/tuple of block indices; negative ones are a `TypeError` like the native binding's."""
-    check_isinstance(name, blocks, (list, tuple), int)
+    """A list/tuple of block indices; negative ones are a `TypeError` like the native binding's.
+
+    Checked with min/max over the whole list: block lists run to thousands of entries.
+    """
     if blocks is None:
         raise TypeError(f"{name} only support list or tuple of int, but got None")
-    for block in blocks:
-        if block < 0:
-            raise TypeError(f"{name} only support non-negative int, but got {block}")
-        check_uint64(name, block)
+    if not isinstance(blocks, (list, tuple)) or not set(map(type, blocks)) <= {int, bool}:
+        check_isinstance(name, blocks, (list, tuple), int)  # raises, naming the offender
+    if blocks and min(blocks) < 0:
+        raise TypeError(f"{name} only support non-negative int, but got {min(blocks)}")
+    if blocks and max(blocks) >= 2**64:
+        check_uint64(name, max(blocks))
     return list(blocks)
 
 

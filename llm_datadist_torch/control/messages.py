@@ -16,7 +16,7 @@ import msgspec
 # History:
 #   1 - first version: Hello/HelloReply, Ping/Pong, ErrorReply, Resolve/Resolved, Release,
 #       Unlink, Ack. Later, compatibly: `mooncake_endpoint`, `mooncake_required` on
-#       Hello/HelloReply; MooncakeEndpoint; Invalidate.
+#       Hello/HelloReply; MooncakeEndpoint; Invalidate; Resolved.keyed_slots.
 PROTOCOL_VERSION = 1
 
 
@@ -108,6 +108,7 @@ class Resolved(Message, tag="resolved", frozen=True, kw_only=True):
     slot: int
     regions: dict[int, Region]
     release_key: Optional[tuple[str, int, int]] = None  # report a pull through this key
+    keyed_slots: list[int] = []  # slots with a bound key: a pull by id must come back here
 
 
 class Release(Message, tag="release", frozen=True, kw_only=True):

@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import ClassVar, List, Optional, Sequence, Tuple
+from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -95,38 +95,46 @@ def _describe(peer: Peer, region: MemoryRegion) -> str:
 def check_items(peer: Peer, items: Sequence[TransferItem]) -> Segments:
     """Validate every item and segment before any memory is touched -> `LLM_PARAM_INVALID`.
 
-    Each segment must lie in `[0, region.nbytes)` and inside `local`; the checks run on the
-    concatenated segments at once, so their cost does not grow with a Python loop per block.
+    Each segment must lie in `[0, region.nbytes)` and inside `local`. Items usually share one
+    plan (the same offset and length tensors for every cache tensor), so the extent of each
+    distinct offsets/lengths pair is computed once and compared with every item's limits.
     """
-    counts: List[int] = []
-    for item in items:
+    extents: Dict[Tuple[int, int], Optional[Tuple[int, int, int]]] = {}
+    for index, item in enumerate(items):
         _check_item_shapes(peer, item)
-        counts.append(item.lengths.numel())
+        for side, offsets, limit in (("remote", item.remote_offsets, item.region.nbytes),
+                                     ("local", item.local_offsets, item.local.numel())):
+            key = (id(offsets), id(item.lengths))
+            if key not in extents:
+                extents[key] = _extent(offsets, item.lengths)
+            extent = extents[key]
+            if extent is not None and (extent[0] < 0 or extent[1] < 0 or extent[2] > limit):
+                fail(LLMStatusCode.LLM_PARAM_INVALID,
+                     "%s segments of item %d reach [%d, %d) with lengths >= %d, outside its %s "
+                     "tensor of %d bytes (%s)", side, index, extent[0], extent[2], extent[1], side,
+                     limit, _describe(peer, item.region))
     empty = torch.empty(0, dtype=torch.int64)
     if not items:
         return Segments(empty, empty, empty, empty)
-    seg = Segments(torch.tensor(counts, dtype=torch.int64),
-                   torch.cat([item.remote_offsets for item in items]),
-                   torch.cat([item.local_offsets for item in items]),
-                   torch.cat([item.lengths for item in items]))
-    if not seg.lengths.numel():
-        return seg
-    for side, offsets, limits in (
-            ("remote", seg.remote_offsets, [item.region.nbytes for item in items]),
-            ("local", seg.local_offsets, [item.local.numel() for item in items])):
-        limit = torch.tensor(limits, dtype=torch.int64).repeat_interleave(seg.counts)
-        # Offsets and lengths are each capped first, so `offsets + lengths` cannot overflow.
-        bad = ((offsets < 0) | (seg.lengths < 0) | (offsets > limit) | (seg.lengths > limit)
-               | (offsets + seg.lengths > limit))
-        if bool(bad.any()):
-            first = int(bad.nonzero()[0])
-            index = int(torch.searchsorted(seg.counts.cumsum(0), first, right=True))
-            item = items[index]
-            fail(LLMStatusCode.LLM_PARAM_INVALID,
-                 "%s segment [%d, +%d) of item %d is outside its %s tensor of %d bytes (%s)",
-                 side, int(offsets[first]), int(seg.lengths[first]), index, side,
-                 int(limit[first]), _describe(peer, item.region))
-    return seg
+    return Segments(torch.tensor([item.lengths.numel() for item in items], dtype=torch.int64),
+                    torch.cat([item.remote_offsets for item in items]),
+                    torch.cat([item.local_offsets for item in items]),
+                    torch.cat([item.lengths for item in items]))
+
+
+def _extent(offsets: torch.Tensor, lengths: torch.Tensor) -> Optional[Tuple[int, int, int]]:
+    """(smallest offset, smallest length, largest end) of the segments; None if there are none.
+
+    Offsets and lengths above 2**62 are reported as the end itself, so `offset + length`
+    cannot overflow int64.
+    """
+    if not lengths.numel():
+        return None
+    huge = 2**62
+    max_offset, max_length = int(offsets.max()), int(lengths.max())
+    if max_offset > huge or max_length > huge:
+        return int(offsets.min()), int(lengths.min()), max(max_offset, max_length)
+    return int(offsets.min()), int(lengths.min()), int((offsets + lengths).max())
 
 
 def _check_item_shapes(peer: Peer, item: TransferItem) -> None:

@@ -82,3 +82,27 @@ def test_deallocated_caches_are_not_found_after_invalidation(pair):
     with pytest.raises(LLMException) as info:
         puller.cache_manager.pull_cache(by_id, local_slots, 2)
     assert info.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+
+
+def test_pull_by_id_reuses_the_answer_except_for_keyed_slots(pair):
+    owner, puller = pair
+    desc = lambda: CacheDesc(2, SHAPE, DataType.DT_INT32, Placement.DEVICE)  # noqa: E731
+    from llm_datadist_torch import CacheKey
+    slots = owner.cache_manager.allocate_cache(desc(), [CacheKey(owner.cluster_id, 77)])  # slot 0
+    for index, tensor in enumerate(slots.tensors):
+        tensor.copy_(torch.arange(SHAPE[0] * SHAPE[1], dtype=torch.int32).view(SHAPE) + index)
+    local = puller.cache_manager.allocate_cache(desc())
+    link = puller._links.get(owner.cluster_id)
+    for slot in range(1, SHAPE[0]):
+        puller.cache_manager.pull_cache(CacheKeyByIdAndIndex(owner.cluster_id, slots.cache_id, slot),
+                                        local, slot)
+    assert len(link.descriptors) == 1  # one answer served every slot
+    with pytest.raises(LLMException) as info:
+        puller.cache_manager.pull_cache(CacheKeyByIdAndIndex(owner.cluster_id, slots.cache_id,
+                                                             SHAPE[0]), local, 0)
+    assert info.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+    # Slot 0 carries a key: the pull goes to the owner, which releases the key after it.
+    puller.cache_manager.pull_cache(CacheKeyByIdAndIndex(owner.cluster_id, slots.cache_id, 0), local, 0)
+    for mine, theirs in zip(local.tensors, slots.tensors):
+        assert torch.equal(mine, theirs)
+    assert ("req", 77, 0) not in owner.cache_manager._engine.table.bound_keys()
