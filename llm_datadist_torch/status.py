@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import enum
 import logging
+from typing import NoReturn
 
 logger = logging.getLogger(__name__)
 
@@ -100,6 +101,6 @@ def raise_if_false(condition, message: str, *args,
     raise LLMException(text, status_code=status_code)
 
 
-def fail(status_code: LLMStatusCode, message: str, *args) -> "NoReturn":  # noqa: F821
+def fail(status_code: LLMStatusCode, message: str, *args) -> NoReturn:
     """Log and raise `LLMException(status_code)` unconditionally."""
     raise_if_false(False, message, *args, status_code=status_code)
