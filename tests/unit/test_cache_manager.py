@@ -6,9 +6,10 @@ import mmap
 import pytest
 import torch
 
-from llm_datadist_torch import (BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, KvCache,
-                                LLMException, LLMStatusCode, MemInfo, Memtype, Placement)
+from llm_datadist_torch import (BlocksCacheKey, Cache, CacheKey, DataType, KvCache, LLMStatusCode,
+                                MemInfo, Memtype, Placement)
 from llm_datadist_torch.data_type import to_torch_dtype
+from helpers import raises_llm, desc, raw, pattern
 
 pytestmark = pytest.mark.usefixtures("cpu_device")
 
@@ -24,28 +25,6 @@ PAGE = 4096
 POOL_BYTES = 4 << 20
 
 # ---- helpers -----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def raises_llm(code=PARAM, match=None):
-    with pytest.raises(LLMException, match=match) as info:
-        yield info
-    assert info.value.status_code == code, f"{info.value.status_code!r}: {info.value}"
-
-
-def desc(num_tensors, shape, data_type=U8, placement=DEVICE):
-    return CacheDesc(num_tensors, list(shape), data_type, placement)
-
-
-def raw(manager, cache, index=0) -> torch.Tensor:
-    """Tensor `index` of `cache` as a flat uint8 view (aliases the cache memory)."""
-    return manager.get_cache_tensors(cache, index)[0].reshape(-1).view(torch.uint8)
-
-
-def pattern(nbytes: int, seed: int) -> torch.Tensor:
-    """Reproducible pseudo-random bytes, distinct per seed."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=generator)
 
 
 def fill(manager, cache, seed: int):

@@ -1,5 +1,4 @@
 """LLMConfig and LLMClusterInfo (spec §6, §7, §27 #28-31)."""
-import contextlib
 import json
 
 import pytest
@@ -7,17 +6,11 @@ import pytest
 from llm_datadist_torch.configs import (LLMClusterInfo, LLMConfig, LlmConfig, ip_int_to_str,
                                         ip_to_int)
 from llm_datadist_torch.enums import LLMRole
-from llm_datadist_torch.status import LLMException, LLMStatusCode
+from llm_datadist_torch.status import LLMStatusCode
+from helpers import raises_llm
 
 PARAM = LLMStatusCode.LLM_PARAM_INVALID
 DEFAULT_OPTIONS = {"llm.MemoryUtilization": "0.95"}
-
-
-@contextlib.contextmanager
-def raises_llm(code=PARAM, match=None):
-    with pytest.raises(LLMException, match=match) as info:
-        yield info
-    assert info.value.status_code == code
 
 
 def options_after(**props):

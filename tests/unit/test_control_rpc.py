@@ -17,18 +17,12 @@ from llm_datadist_torch.control.messages import (
 from llm_datadist_torch.control.rpc_client import RpcClient
 from llm_datadist_torch.control.rpc_server import RpcServer
 from llm_datadist_torch.status import LLMException, LLMStatusCode
+from helpers import raises_llm
 
 pytestmark = pytest.mark.timeout(60)
 
 ANY_PORT = "tcp://127.0.0.1:0"
 SERVER_THREAD_PREFIX = "llmdd-rpc-server"
-
-
-@contextlib.contextmanager
-def raises_llm(code, match=None):
-    with pytest.raises(LLMException, match=match) as info:
-        yield info
-    assert info.value.status_code == code
 
 
 def server_threads():

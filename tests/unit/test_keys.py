@@ -1,19 +1,12 @@
 """CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey (spec §11-13, §26.31, §27 #3-9)."""
-import contextlib
 
 import pytest
 
 from llm_datadist_torch.keys import INVALID_ID, BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex
-from llm_datadist_torch.status import LLMException, LLMStatusCode
+from llm_datadist_torch.status import LLMStatusCode
+from helpers import raises_llm
 
 PARAM = LLMStatusCode.LLM_PARAM_INVALID
-
-
-@contextlib.contextmanager
-def raises_llm(code=PARAM, match=None):
-    with pytest.raises(LLMException, match=match) as info:
-        yield info
-    assert info.value.status_code == code
 
 
 def test_invalid_id():

@@ -8,8 +8,9 @@ import time
 import pytest
 import torch
 
-from llm_datadist_torch import (BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, KvCache,
-                                KvCacheManager, LLMException, LLMStatusCode, Placement, Tensor)
+from llm_datadist_torch import (BlocksCacheKey, Cache, CacheKey, DataType, KvCache, KvCacheManager,
+                                LLMStatusCode, Placement, Tensor)
+from helpers import raises_llm, desc, raw, pattern
 
 pytestmark = pytest.mark.usefixtures("cpu_device")
 
@@ -18,27 +19,6 @@ NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
 TIMEOUT = LLMStatusCode.LLM_TIMEOUT
 DEVICE, HOST = Placement.DEVICE, Placement.HOST
 U8 = DataType.DT_UINT8
-
-
-@contextlib.contextmanager
-def raises_llm(code=PARAM, match=None):
-    with pytest.raises(LLMException, match=match) as info:
-        yield info
-    assert info.value.status_code == code, f"{info.value.status_code!r}: {info.value}"
-
-
-def desc(num_tensors, shape, data_type=U8, placement=DEVICE):
-    return CacheDesc(num_tensors, list(shape), data_type, placement)
-
-
-def raw(manager, cache, index=0) -> torch.Tensor:
-    return manager.get_cache_tensors(cache, index)[0].reshape(-1).view(torch.uint8)
-
-
-def pattern(nbytes: int, seed: int) -> torch.Tensor:
-    """Reproducible pseudo-random bytes, distinct per seed."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=generator)
 
 
 def fill(manager, cache, seed):

@@ -1,5 +1,4 @@
 """LLMDataDist lifecycle, option validation and shm hygiene (spec §8.1-8.4, §6.4, §26.1, §26.12)."""
-import contextlib
 import json
 import os
 import socket
@@ -10,8 +9,9 @@ import pytest
 import torch
 
 from llm_datadist_torch import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheManager, DataType,
-                                KvCacheManager, LLMConfig, LLMDataDist, LLMException, LLMRole,
-                                LLMStatusCode, MemInfo, Memtype, Placement)
+                                KvCacheManager, LLMConfig, LLMDataDist, LLMRole, LLMStatusCode,
+                                MemInfo, Memtype, Placement)
+from helpers import raises_llm
 
 pytestmark = pytest.mark.usefixtures("cpu_device", "no_shm_leak")
 
@@ -19,13 +19,6 @@ PARAM = LLMStatusCode.LLM_PARAM_INVALID
 FAILED = LLMStatusCode.LLM_FAILED
 SHM_DIR = "/dev/shm"
 POOL = json.dumps({"memory_size": 1 << 20, "page_shift": 12})
-
-
-@contextlib.contextmanager
-def raises_llm(code=PARAM, match=None):
-    with pytest.raises(LLMException, match=match) as info:
-        yield info
-    assert info.value.status_code == code, f"{info.value.status_code!r}: {info.value}"
 
 
 def own_shm_files():

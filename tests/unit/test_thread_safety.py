@@ -5,8 +5,9 @@ import time
 import pytest
 import torch
 
-from llm_datadist_torch import (BlocksCacheKey, CacheDesc, CacheKey, DataType, LLMException,
-                                LLMStatusCode, Placement)
+from llm_datadist_torch import (BlocksCacheKey, CacheKey, DataType, LLMException, LLMStatusCode,
+                                Placement)
+from helpers import desc, raw, pattern
 
 pytestmark = pytest.mark.usefixtures("cpu_device")
 
@@ -15,20 +16,6 @@ U8 = DataType.DT_UINT8
 THREADS = 8
 ITERATIONS = 25
 JOIN_TIMEOUT_S = 30
-
-
-def desc(num_tensors, shape, data_type=U8, placement=DEVICE):
-    return CacheDesc(num_tensors, list(shape), data_type, placement)
-
-
-def raw(manager, cache, index=0):
-    return manager.get_cache_tensors(cache, index)[0].reshape(-1).view(torch.uint8)
-
-
-def pattern(nbytes: int, seed: int) -> torch.Tensor:
-    """Reproducible pseudo-random bytes, distinct per seed."""
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=generator)
 
 
 def run_threads(target, count=THREADS):

@@ -1,6 +1,5 @@
 """Layer ranges (§15.20), LayerSynchronizer, TransferConfig, TransferWithCacheKeyConfig,
 CacheTask (with real threads), MemInfo, TensorDesc (spec §16-21.5)."""
-import contextlib
 import threading
 
 import pytest
@@ -8,21 +7,15 @@ import pytest
 from llm_datadist_torch.data_type import DataType
 from llm_datadist_torch.enums import Memtype
 from llm_datadist_torch.keys import BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex
-from llm_datadist_torch.status import LLMException, LLMStatusCode
+from llm_datadist_torch.status import LLMStatusCode
 from llm_datadist_torch.transfer_types import (
     CacheTask, LayerSynchronizer, MemInfo, TensorDesc, TransferConfig, TransferWithCacheKeyConfig,
     check_strict_layer_range, pull_layer_ranges_to_tensor_indices, pull_layer_tensor_indices)
+from helpers import raises_llm
 
 PARAM = LLMStatusCode.LLM_PARAM_INVALID
 SUCCESS = LLMStatusCode.LLM_SUCCESS
 TIMEOUT = LLMStatusCode.LLM_TIMEOUT
-
-
-@contextlib.contextmanager
-def raises_llm(code=PARAM, match=None):
-    with pytest.raises(LLMException, match=match) as info:
-        yield info
-    assert info.value.status_code == code
 
 
 # -- pull form -------------------------------------------------------------------------------------

@@ -1,5 +1,4 @@
 """DataType and its mappings, the small enums, and CacheDesc (spec §4.2-4.7, §9, §27 #1)."""
-import contextlib
 import subprocess
 import sys
 
@@ -11,16 +10,10 @@ from llm_datadist_torch.cache_desc import CacheDesc
 from llm_datadist_torch.data_type import DataType, from_torch_dtype, itemsize, to_torch_dtype
 from llm_datadist_torch.enums import (LLMRole, Memtype, Placement, PushType, RegisterMemStatus,
                                       register_mem_status_from_int, role_to_engine_string)
-from llm_datadist_torch.status import LLMException, LLMStatusCode
+from llm_datadist_torch.status import LLMStatusCode
+from helpers import raises_llm
 
 PARAM = LLMStatusCode.LLM_PARAM_INVALID
-
-
-@contextlib.contextmanager
-def raises_llm(code=PARAM, match=None):
-    with pytest.raises(LLMException, match=match) as info:
-        yield info
-    assert info.value.status_code == code
 
 
 # -- DataType ------------------------------------------------------------------------------------
