@@ -8,7 +8,6 @@ On CPU the rank table's "device_ip" + "device_port" say where each rank listens.
 Run: python examples/pull_blocks.py   (prints one line; exit code 1 if a byte differs)
 """
 import json
-import multiprocessing
 import socket
 import sys
 import time
@@ -17,6 +16,7 @@ import torch
 
 from llm_datadist_torch import (BlocksCacheKey, CacheDesc, DataType, LLMConfig, LLMDataDist,
                                 LLMRole, RegisterMemStatus)
+from _two_processes import run_pair
 
 PROMPT_CLUSTER_ID, DECODER_CLUSTER_ID = 1, 2
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 4, 32, 16, 8, 64
@@ -98,19 +98,7 @@ def main():
                 "rank_id": str(rank)} for rank in range(2)]
     rank_table = json.dumps({"version": "1.2", "status": "completed", "server_count": "1",
                              "server_list": [{"server_id": "127.0.0.1", "device": devices}]})
-    ctx = multiprocessing.get_context("spawn")
-    prompt_conn, decoder_conn = ctx.Pipe()
-    processes = [ctx.Process(target=run_prompt, args=(prompt_conn, rank_table)),
-                 ctx.Process(target=run_decoder, args=(decoder_conn, rank_table))]
-    for process in processes:
-        process.start()
-    prompt_conn.close()  # the children hold the pipe now: if one dies, the other sees EOF
-    decoder_conn.close()
-    for process in processes:
-        process.join(60)
-        if process.is_alive():
-            process.kill()
-    sys.exit(0 if all(p.exitcode == 0 for p in processes) else 1)
+    run_pair(run_prompt, run_decoder, rank_table)
 
 
 if __name__ == "__main__":

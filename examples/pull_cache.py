@@ -3,7 +3,6 @@ batch slot, the decoder links to it and pulls every request into its own cache.
 
 Run: python examples/pull_cache.py   (prints one line; exit code 1 if a byte differs)
 """
-import multiprocessing
 import socket
 import sys
 
@@ -11,6 +10,7 @@ import torch
 
 from llm_datadist_torch import (CacheDesc, CacheKey, DataType, LLMClusterInfo, LLMConfig,
                                 LLMDataDist, LLMRole, LLMStatusCode)
+from _two_processes import run_pair
 
 PROMPT_CLUSTER_ID, DECODER_CLUSTER_ID = 1, 2
 NUM_LAYERS, BATCH, SEQ_LEN, HIDDEN = 4, 4, 128, 256
@@ -85,19 +85,7 @@ def run_decoder(conn):
 
 
 def main():
-    ctx = multiprocessing.get_context("spawn")
-    prompt_conn, decoder_conn = ctx.Pipe()
-    processes = [ctx.Process(target=run_prompt, args=(prompt_conn,)),
-                 ctx.Process(target=run_decoder, args=(decoder_conn,))]
-    for process in processes:
-        process.start()
-    prompt_conn.close()  # the children hold the pipe now: if one dies, the other sees EOF
-    decoder_conn.close()
-    for process in processes:
-        process.join(60)
-        if process.is_alive():
-            process.kill()
-    sys.exit(0 if all(p.exitcode == 0 for p in processes) else 1)
+    run_pair(run_prompt, run_decoder)
 
 
 if __name__ == "__main__":

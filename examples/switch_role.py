@@ -4,7 +4,6 @@ blocks into A, one tensor per "layer" as in the upstream sample.
 
 Run: python examples/switch_role.py   (prints one line; exit code 1 if a byte differs)
 """
-import multiprocessing
 import socket
 import sys
 
@@ -12,6 +11,7 @@ import torch
 
 from llm_datadist_torch import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig,
                                 LLMDataDist, LLMRole, LLMStatusCode)
+from _two_processes import run_pair
 
 A_CLUSTER_ID, B_CLUSTER_ID = 1, 2
 NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 8, 16, 8, 64
@@ -111,18 +111,7 @@ def run_b(conn):
 
 
 def main():
-    ctx = multiprocessing.get_context("spawn")
-    a_conn, b_conn = ctx.Pipe()
-    processes = [ctx.Process(target=run_a, args=(a_conn,)), ctx.Process(target=run_b, args=(b_conn,))]
-    for process in processes:
-        process.start()
-    a_conn.close()  # the children hold the pipe now: if one dies, the other sees EOF
-    b_conn.close()
-    for process in processes:
-        process.join(60)
-        if process.is_alive():
-            process.kill()
-    sys.exit(0 if all(p.exitcode == 0 for p in processes) else 1)
+    run_pair(run_a, run_b)
 
 
 if __name__ == "__main__":

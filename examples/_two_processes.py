@@ -1,0 +1,21 @@
+"""Run two example roles in two spawned processes joined by a pipe; exit 0 only if both did."""
+import multiprocessing
+import sys
+
+
+def run_pair(first, second, *args, timeout_s: float = 60) -> None:
+    """Start `first(conn, *args)` and `second(conn, *args)`, wait, and exit with their verdict."""
+    ctx = multiprocessing.get_context("spawn")
+    first_conn, second_conn = ctx.Pipe()
+    processes = [ctx.Process(target=first, args=(first_conn, *args)),
+                 ctx.Process(target=second, args=(second_conn, *args))]
+    for process in processes:
+        process.start()
+    first_conn.close()  # the children hold the pipe now: if one dies, the other sees EOF
+    second_conn.close()
+    for process in processes:
+        process.join(timeout_s)
+        if process.is_alive():
+            process.kill()
+            process.join()
+    sys.exit(0 if all(p.exitcode == 0 for p in processes) else 1)
