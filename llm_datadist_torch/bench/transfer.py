@@ -20,6 +20,7 @@ import torch
 
 from .. import (BlocksCacheKey, CacheDesc, CacheKeyByIdAndIndex, DataType, LLMClusterInfo,
                 LLMConfig, LLMDataDist, LLMRole, Placement)
+from .common import DataMismatch
 
 BLOCK_SIZES = (16 << 10, 128 << 10, 1 << 20, 2 << 20)
 PROMPT_ID, DECODER_ID = 1001, 1002
@@ -45,22 +46,37 @@ def _options(pool_bytes: int, listen: str = "", backend: str = "") -> dict:
     return config.generate_options()
 
 
+def _content(blocks: int, block: int, seed: int, tensor: int) -> torch.Tensor:
+    """Bytes of one prompt-side tensor: every block differs (its index sits in its first
+    bytes), so a pull that moves the wrong block or the wrong bytes is seen."""
+    row = torch.arange(block, dtype=torch.uint8) * 7 + (seed * 31 + tensor * 17) % 256
+    data = row.repeat(blocks, 1)
+    index = torch.arange(blocks, dtype=torch.int64)
+    data[:, 0], data[:, 1], data[:, 2] = index % 256, index // 256 % 256, seed * 4 + tensor
+    return data
+
+
 def _serve_caches(datadist: LLMDataDist, total_bytes: int):
-    """Fill the prompt side; returns (layouts, tensors to keep alive)."""
+    """Fill the prompt side; returns (layouts, tensors to keep alive).
+
+    Per block size: blocks and slots in the pool (read through shm / local / mooncake, content
+    seeds 0 and 2) and the same registered over plain tensors (read through cma, seeds 1, 3).
+    """
     manager = datadist.cache_manager
     layouts, keep = [], []
     for index, block in enumerate(BLOCK_SIZES):
         blocks = total_bytes // TENSORS // block
         desc = lambda: CacheDesc(TENSORS, [blocks, block], DataType.DT_UINT8, Placement.DEVICE)  # noqa: E731
         pooled = manager.allocate_blocks_cache(desc(), BlocksCacheKey(PROMPT_ID, index))
-        owned = [torch.randint(0, 255, (blocks, block), dtype=torch.uint8) for _ in range(TENSORS)]
+        owned = [_content(blocks, block, 1, t) for t in range(TENSORS)]
         keep.append(owned)
         manager.register_blocks_cache(desc(), [t.data_ptr() for t in owned],
                                       BlocksCacheKey(PROMPT_ID, 100 + index))
-        for tensor in pooled.tensors:
-            tensor.random_(0, 255)
         slots = manager.allocate_cache(desc())
-        owned_slots = [torch.randint(0, 255, (blocks, block), dtype=torch.uint8) for _ in range(TENSORS)]
+        for t, (blocks_tensor, slots_tensor) in enumerate(zip(pooled.tensors, slots.tensors)):
+            blocks_tensor.copy_(_content(blocks, block, 0, t))
+            slots_tensor.copy_(_content(blocks, block, 2, t))
+        owned_slots = [_content(blocks, block, 3, t) for t in range(TENSORS)]
         keep.append(owned_slots)
         registered_slots = manager.register_cache(desc(), [t.data_ptr() for t in owned_slots])
         layouts.append({"block": block, "blocks": blocks, "shm_slots": slots.cache_id,
@@ -113,8 +129,16 @@ def _measure(decoder: LLMDataDist, layouts, transports, total_bytes: int, repeat
             def pull_cache():
                 for slot in range(blocks):
                     manager.pull_cache(CacheKeyByIdAndIndex(PROMPT_ID, slots_id, slot), local_slots, slot)
-            for op, fn in (("pull_blocks", pull_blocks), ("pull_cache", pull_cache)):
+            registered = model_id >= 100
+            for op, fn, local, seed in (("pull_blocks", pull_blocks, local_blocks, int(registered)),
+                                        ("pull_cache", pull_cache, local_slots, 2 + registered)):
                 gbps = _median_gbps(fn, total_bytes, repeats)
+                source_blocks = order if op == "pull_blocks" else list(range(blocks))
+                for t, tensor in enumerate(local.tensors):
+                    expected = _content(blocks, block, seed, t)[source_blocks]
+                    if not torch.equal(tensor, expected):
+                        raise DataMismatch(f"transfer suite: {transport} {op} of {block} byte "
+                                           f"blocks moved wrong bytes into tensor {t}")
                 rows.append({"suite": "transfer", "transport": transport, "op": op, "block_bytes": block,
                              "total_bytes": total_bytes, "gbps": round(gbps, 3),
                              "memcpy_gbps": round(memcpy, 3), "ratio": round(gbps / memcpy, 3)})
