@@ -23,7 +23,7 @@ from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import _C
-from .._segments import COPY_THREADS, SegmentBatch, copy_batches
+from .._segments import SegmentBatch, copy_addresses, copy_batches
 from ..status import LLMStatusCode, fail
 
 logger = logging.getLogger(__name__)
@@ -248,7 +248,7 @@ def copy_by_address(items: Sequence[TransferItem], segments: Segments, remote_ba
     if remote_device == "cpu" and all(item.local.device.type == "cpu" for item in items):
         remote, local = segments.addresses(remote_bases, [item.local.data_ptr() for item in items])
         src, dst = (local, remote) if to_remote else (remote, local)
-        _C.copy_segments(src, dst, segments.lengths, COPY_THREADS)
+        copy_addresses(src, dst, segments.lengths)
         return
     batches = []
     for item, base in zip(items, remote_bases):
