@@ -87,3 +87,10 @@ def device_range_allocated(device: torch.device, addr: int, nbytes: int) -> bool
         if start <= addr and addr + nbytes <= start + segment["total_size"]:
             return True
     return False
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for work queued on `device` (a no-op on CPU)."""
+    module = accelerator_module(device.type)
+    if module is not None:
+        module.synchronize(device)

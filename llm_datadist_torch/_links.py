@@ -18,11 +18,13 @@ import queue
 from typing import Dict, List, Optional, Set, Tuple
 
 from ._engine import Engine
+from ._options import force_staging
 from ._serving import Responder
 from .configs import LLMClusterInfo, ip_int_to_str
 from .control.host import local_host_id
 from .control.messages import (Ack, Hello, HelloReply, Invalidate, Message, MooncakeEndpoint, Ping,
-                               Pong, PROTOCOL_VERSION, Release, Resolve, Resolved, Unlink)
+                               Pong, PROTOCOL_VERSION, Release, Resolve, Resolved, StageArea,
+                               Staged, StageRead, StageWrite, Unlink)
 from .control.rpc_client import RpcClient
 from .control.rpc_server import RpcServer
 from .status import LLMException, LLMStatusCode, fail
@@ -51,6 +53,15 @@ class Link:
     descriptors: Dict[tuple, Resolved] = dataclasses.field(default_factory=dict)
     # Owner side: cache ids whose answers this peer may have kept.
     exported: Set[int] = dataclasses.field(default_factory=set)
+    # Requester side: one staged transfer at a time uses the owner's staging area.
+    staging_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    force_staging: bool = dataclasses.field(default_factory=force_staging)
+
+    def needs_staging(self, region: MemoryRegion) -> bool:
+        """Memory of another process that no transport reads directly: the owner's device memory."""
+        if self.peer.same_process:
+            return False
+        return self.force_staging or region.device != "cpu"
 
     def ensure_usable(self) -> None:
         if self.broken or self.rpc is None:
@@ -321,6 +332,7 @@ class LinkManager:
     def _drop(self, cluster_id: int) -> bool:
         with self._lock:
             link = self._links.pop(cluster_id, None)
+        self._responder.drop_staging(cluster_id)
         if link is not None:
             link.close()
             self._grant_access()
@@ -435,6 +447,12 @@ class LinkManager:
             if link is not None:
                 link.forget(set(request.cache_ids))
             return Ack()
+        if isinstance(request, StageArea):
+            self.get(request.requester)
+            return Staged(region=self._responder.staging_area(request.requester))
+        if isinstance(request, StageRead):  # StageWrite too (a subclass)
+            self.get(request.requester)
+            return Staged(region=self._responder.stage(request, not isinstance(request, StageWrite)))
         if isinstance(request, Release):
             self.get(request.requester)
             self._responder.release(request)
@@ -513,6 +531,7 @@ class LinkManager:
             if job is not None:
                 job[2]()
         self._server.close()
+        self._responder.close()
         with self._lock:
             links, self._links = list(self._links.values()), {}
         for link in links:

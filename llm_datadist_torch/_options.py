@@ -52,6 +52,12 @@ def strict_limits() -> bool:
     return os.environ.get("LLM_DATADIST_TORCH_STRICT_LIMITS", "1") != "0"
 
 
+def force_staging() -> bool:
+    """`LLM_DATADIST_TORCH_STAGE_TRANSFERS=1` moves every cross-process transfer through the
+    owner's host staging area, the path device memory takes (to exercise it without a device)."""
+    return os.environ.get("LLM_DATADIST_TORCH_STAGE_TRANSFERS", "0") == "1"
+
+
 def parse_listen(text: str) -> Tuple[str, int]:
     """`"ip:port"` -> (ip, port); a wrong shape is PARAM, a non-numeric port `ValueError`."""
     parts = text.split(":")

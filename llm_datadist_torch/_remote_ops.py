@@ -11,12 +11,14 @@ import time
 from collections import defaultdict
 from typing import Optional, Sequence, Tuple
 
+import torch
+
 from ._cache_table import CacheEntry
 from ._engine import Engine
 from ._links import Link
-from ._serving import geometry_of, wire_geometry
+from ._serving import STAGING_BYTES, geometry_of, wire_geometry
 from ._transfer_plan import Geometry, build_plan
-from .control.messages import Release, Resolve, Resolved
+from .control.messages import Release, Resolve, Resolved, StageArea, StageRead, StageWrite
 from .enums import Placement
 from .keys import INVALID_ID
 from .status import LLMException, LLMStatusCode, fail
@@ -95,12 +97,15 @@ def transfer(engine: Engine, link: Link, ref: RemoteRef, local: CacheEntry, dire
     src_slot, dst_slot = (remote_slot, local_slot) if pulling else (local_slot, remote_slot)
     plan = build_plan(op, src, dst, src_slot, dst_slot, nbytes, src_blocks, dst_blocks, src_tensors,
                       dst_tensors)
+    first_remote = reply.regions[plan.pairs[0][0] if pulling else plan.pairs[0][1]]
+    if link.needs_staging(_region(first_remote)):
+        moved = _staged(engine, link, reply.cache_id, plan, local, pulling, deadline)
+        _release_pulled(engine, link, reply, plan, pulling and release_keys, deadline)
+        return moved
     by_transport = defaultdict(list)
     for src_index, dst_index in plan.pairs:
         remote_index, local_index = (src_index, dst_index) if pulling else (dst_index, src_index)
-        wire = reply.regions[remote_index]
-        region = MemoryRegion(address=wire.address, nbytes=wire.nbytes, device=wire.device,
-                              shm_name=wire.shm_name, shm_offset=wire.shm_offset)
+        region = _region(reply.regions[remote_index])
         remote_offsets, local_offsets = ((plan.src_offsets, plan.dst_offsets) if pulling
                                          else (plan.dst_offsets, plan.src_offsets))
         item = TransferItem(region, remote_offsets, local.raw[local_index], local_offsets, plan.lengths)
@@ -120,10 +125,70 @@ def transfer(engine: Engine, link: Link, ref: RemoteRef, local: CacheEntry, dire
                     link.broken = True  # spec §26.26: a timed-out link must be re-linked
                     in_flight.add_done_callback(engine.table.hold([local]))
                 raise
-    if pulling and release_keys and reply.release_key is not None:
+    _release_pulled(engine, link, reply, plan, pulling and release_keys, deadline)
+    return moved
+
+
+def _region(wire) -> MemoryRegion:
+    return MemoryRegion(address=wire.address, nbytes=wire.nbytes, device=wire.device,
+                        shm_name=wire.shm_name, shm_offset=wire.shm_offset)
+
+
+def _release_pulled(engine: Engine, link: Link, reply: Resolved, plan, release: bool,
+                    deadline: float) -> None:
+    """Tell the owner which tensors were pulled through a request key (it releases the key)."""
+    if release and reply.release_key is not None:
         pulled = sorted({pair[0] for pair in plan.pairs})
         link.call(Release(requester=engine.cluster_id, key=list(reply.release_key), tensors=pulled),
                   max(deadline - time.monotonic(), 0.05))
+
+
+def _staged(engine: Engine, link: Link, cache_id: int, plan, local: CacheEntry, pulling: bool,
+            deadline: float) -> int:
+    """Move a plan through the owner's host staging area, chunk by chunk: the owner copies its
+    (device) memory to or from the area, and the area is read or written like any host memory."""
+    if not link.peer.same_host:
+        fail(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "cluster %d keeps this cache in device memory; "
+             "device caches are not reachable across hosts yet", link.cluster_id)
+    remote_tensors = [pair[0] if pulling else pair[1] for pair in plan.pairs]
+    local_tensors = [pair[1] if pulling else pair[0] for pair in plan.pairs]
+    remote_offsets, local_offsets = ((plan.src_offsets, plan.dst_offsets) if pulling
+                                     else (plan.dst_offsets, plan.src_offsets))
+    moved = 0
+    with link.staging_lock, engine.table.pinned([] if pulling else [local], [local] if pulling else []):
+        area = None
+        for chunk in _chunks(plan.lengths, len(plan.pairs), STAGING_BYTES):
+            lengths, chunk_bytes = plan.lengths[chunk], int(plan.lengths[chunk].sum())
+            packed = torch.cumsum(lengths, 0) - lengths
+            message = dict(requester=engine.cluster_id, cache_id=cache_id, tensors=remote_tensors,
+                           offsets=remote_offsets[chunk].tolist(), lengths=lengths.tolist())
+            if pulling:
+                area = link.call(StageRead(**message), deadline - time.monotonic()).region
+            elif area is None:
+                area = link.call(StageArea(requester=engine.cluster_id),
+                                 deadline - time.monotonic()).region
+            region = _region(area)
+            items = [TransferItem(region, packed + k * chunk_bytes, local.raw[t], local_offsets[chunk],
+                                  lengths) for k, t in enumerate(local_tensors)]
+            transport = link.transport_for(region)
+            remaining = deadline - time.monotonic()
+            moved += transport.read(items, remaining) if pulling else transport.write(items, remaining)
+            if not pulling:
+                link.call(StageWrite(**message), deadline - time.monotonic())
     return moved
+
+
+def _chunks(lengths: torch.Tensor, tensors: int, capacity: int):
+    """Slices of segments whose bytes, over all tensors, fit the staging area."""
+    start, used = 0, 0
+    for index, length in enumerate(lengths.tolist()):
+        if length * tensors > capacity:
+            fail(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "a %d byte segment of %d tensors does not "
+                 "fit the %d byte staging area", length, tensors, capacity)
+        if used + length * tensors > capacity:
+            yield slice(start, index)
+            start, used = index, 0
+        used += length * tensors
+    yield slice(start, len(lengths))
 
 

@@ -6,17 +6,25 @@ request was checked here against the owner's own table.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import os
+import threading
+from typing import Dict, Optional, Tuple
 
+import torch
+
+from ._arena import MemoryArena
 from ._cache_table import CacheEntry, KeyBinding, blocks_key_identity
+from ._device import synchronize
 from ._engine import Engine
+from ._segments import SegmentBatch, copy_batches
 from ._transfer_plan import Geometry, build_plan
-from .control.messages import Region, Release, Resolve, Resolved
+from .control.messages import Region, Release, Resolve, Resolved, StageRead
 from .enums import Placement
 from .keys import INVALID_ID
 from .status import LLMStatusCode, fail, raise_if_false
 
 NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+STAGING_BYTES = 64 << 20  # per linked requester, created at its first staged transfer
 
 
 def geometry_of(entry: CacheEntry) -> Geometry:
@@ -26,6 +34,63 @@ def geometry_of(entry: CacheEntry) -> Geometry:
 class Responder:
     def __init__(self, engine: Engine):
         self._engine = engine
+        self._staging: Dict[int, MemoryArena] = {}  # requester cluster id -> its staging area
+        self._staging_lock = threading.Lock()
+
+    # ---- staging: memory a requester cannot reach (device memory of another process) -------
+    def staging_area(self, requester: int) -> Region:
+        return _region_of(self._area(requester))
+
+    def stage(self, request: StageRead, to_staging: bool) -> Region:
+        """Copy segments of a cache into the requester's staging area (or back, for a write)."""
+        with self._engine.operation():
+            entry = self._engine.table.lookup_by_id(request.cache_id)
+            if entry is None:
+                fail(NOT_EXIST, "cache %d does not exist", request.cache_id)
+            raise_if_false(entry.remote_accessible,
+                           "cache %d was not registered for remote access", entry.cache_id)
+            raise_if_false(all(0 <= t < entry.num_tensors for t in request.tensors),
+                           "tensor indices %s outside a cache of %d tensors", request.tensors,
+                           entry.num_tensors)
+            area = self._area(request.requester)
+            offsets = torch.tensor(request.offsets, dtype=torch.int64)
+            lengths = torch.tensor(request.lengths, dtype=torch.int64)
+            chunk = int(lengths.sum())
+            raise_if_false(chunk * len(request.tensors) <= area.nbytes,
+                           "%d staged bytes exceed the %d byte staging area",
+                           chunk * len(request.tensors), area.nbytes)
+            packed = torch.cumsum(lengths, 0) - lengths
+            batches = []
+            for k, tensor in enumerate(request.tensors):
+                here = packed + k * chunk
+                if to_staging:
+                    batches.append(SegmentBatch(entry.raw[tensor], area.tensor, offsets, here, lengths))
+                else:
+                    batches.append(SegmentBatch(area.tensor, entry.raw[tensor], here, offsets, lengths))
+            with self._engine.table.pinned([entry] if to_staging else [], [] if to_staging else [entry]):
+                copy_batches(batches)
+                synchronize(entry.raw[0].device)
+            return _region_of(area)
+
+    def drop_staging(self, requester: int) -> None:
+        with self._staging_lock:
+            area = self._staging.pop(requester, None)
+        if area is not None:
+            area.close()
+
+    def close(self) -> None:
+        with self._staging_lock:
+            areas, self._staging = list(self._staging.values()), {}
+        for area in areas:
+            area.close()
+
+    def _area(self, requester: int) -> MemoryArena:
+        with self._staging_lock:
+            area = self._staging.get(requester)
+            if area is None:
+                area = self._staging[requester] = MemoryArena.create(
+                    torch.device("cpu"), STAGING_BYTES, tag=f"{self._engine.cluster_id}.staging")
+            return area
 
     def resolve(self, request: Resolve) -> Resolved:
         with self._engine.operation():
@@ -96,6 +161,11 @@ class Responder:
         if binding is None and not entry.handle_valid:
             fail(NOT_EXIST, "cache %d was deallocated", request.cache_id)
         return entry, request.batch_index, binding
+
+
+def _region_of(area: MemoryArena) -> Region:
+    return Region(address=area.tensor.data_ptr(), nbytes=area.nbytes, device="cpu",
+                  shm_name=os.path.basename(area.shm_path or ""), shm_offset=0)
 
 
 def wire_geometry(geometry: Geometry) -> list:

@@ -7,17 +7,11 @@ from typing import Callable
 
 import torch
 
+from .._device import synchronize
+
 
 class DataMismatch(Exception):
     """A measured operation moved wrong bytes; its numbers must not be reported."""
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued device work, so that a timer measures the copy and not its launch."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "npu":
-        torch.npu.synchronize(device)
 
 
 def timed(fn: Callable[[], object], *devices: torch.device) -> float:

@@ -16,7 +16,8 @@ import msgspec
 # History:
 #   1 - first version: Hello/HelloReply, Ping/Pong, ErrorReply, Resolve/Resolved, Release,
 #       Unlink, Ack. Later, compatibly: `mooncake_endpoint`, `mooncake_required` on
-#       Hello/HelloReply; MooncakeEndpoint; Invalidate; Resolved.keyed_slots.
+#       Hello/HelloReply; MooncakeEndpoint; Invalidate; Resolved.keyed_slots;
+#       StageRead/StageWrite/StageArea/Staged.
 PROTOCOL_VERSION = 1
 
 
@@ -145,6 +146,35 @@ class Invalidate(Message, tag="invalidate", frozen=True, kw_only=True):
     cache_ids: list[int]
 
 
+class StageRead(Message, tag="stage_read", frozen=True, kw_only=True):
+    """Requester -> owner: copy these segments of each tensor of cache `cache_id` (memory the
+    requester cannot reach, e.g. device memory) into the owner's staging area, packed tensor
+    by tensor in the order given."""
+
+    requester: int
+    cache_id: int
+    tensors: list[int]
+    offsets: list[int]
+    lengths: list[int]
+
+
+class StageWrite(StageRead, tag="stage_write", frozen=True, kw_only=True):
+    """Requester -> owner: unpack the staging area (written by the requester) into these
+    segments; the reverse of `StageRead`."""
+
+
+class StageArea(Message, tag="stage_area", frozen=True, kw_only=True):
+    """Requester -> owner: where the staging area for this link is."""
+
+    requester: int
+
+
+class Staged(Message, tag="staged", frozen=True, kw_only=True):
+    """Owner -> requester: the staging area (host memory every transport can reach)."""
+
+    region: Region
+
+
 # Every type the codec can decode. Append new message types here.
 MESSAGE_TYPES = (
     Hello,
@@ -159,6 +189,10 @@ MESSAGE_TYPES = (
     Ack,
     MooncakeEndpoint,
     Invalidate,
+    StageRead,
+    StageWrite,
+    StageArea,
+    Staged,
 )
 
 AnyMessage = Union[MESSAGE_TYPES]  # type: ignore[valid-type]
