@@ -208,6 +208,16 @@ class MooncakeAgent:
         for address in self._by_cache.pop(cache_id, []):
             self._unregister(address)
 
+    def area_added(self, address: int, nbytes: int) -> None:
+        """A staging area peers read or write (idempotent; called under the table lock)."""
+        if not self._covered(address, nbytes):
+            self._register(address, nbytes)
+
+    def area_removed(self, address: int) -> None:
+        """A staging area is about to be freed (called under the table lock)."""
+        if any(block[0] == address for block in self._blocks):
+            self._unregister(address)
+
     def _covered(self, start: int, nbytes: int) -> bool:
         return any(lo <= start and start + nbytes <= hi for lo, hi in self._blocks)
 

@@ -147,9 +147,6 @@ def _staged(engine: Engine, link: Link, cache_id: int, plan, local: CacheEntry, 
             deadline: float) -> int:
     """Move a plan through the owner's host staging area, chunk by chunk: the owner copies its
     (device) memory to or from the area, and the area is read or written like any host memory."""
-    if not link.peer.same_host:
-        fail(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "cluster %d keeps this cache in device memory; "
-             "device caches are not reachable across hosts yet", link.cluster_id)
     remote_tensors = [pair[0] if pulling else pair[1] for pair in plan.pairs]
     local_tensors = [pair[1] if pulling else pair[0] for pair in plan.pairs]
     remote_offsets, local_offsets = ((plan.src_offsets, plan.dst_offsets) if pulling

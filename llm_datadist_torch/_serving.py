@@ -41,6 +41,16 @@ class Responder:
     def staging_area(self, requester: int) -> Region:
         return _region_of(self._area(requester))
 
+    def _announce(self, area: MemoryArena, added: bool) -> None:
+        """Tell the Mooncake agent, if one runs, so that peers on other hosts reach the area."""
+        with self._engine.table.lock:
+            listener = self._engine.memory_listener
+            if listener is not None:
+                if added:
+                    listener.area_added(area.tensor.data_ptr(), area.nbytes)
+                else:
+                    listener.area_removed(area.tensor.data_ptr())
+
     def stage(self, request: StageRead, to_staging: bool) -> Region:
         """Copy segments of a cache into the requester's staging area (or back, for a write)."""
         with self._engine.operation():
@@ -76,12 +86,14 @@ class Responder:
         with self._staging_lock:
             area = self._staging.pop(requester, None)
         if area is not None:
+            self._announce(area, added=False)
             area.close()
 
     def close(self) -> None:
         with self._staging_lock:
             areas, self._staging = list(self._staging.values()), {}
         for area in areas:
+            self._announce(area, added=False)
             area.close()
 
     def _area(self, requester: int) -> MemoryArena:
@@ -90,7 +102,8 @@ class Responder:
             if area is None:
                 area = self._staging[requester] = MemoryArena.create(
                     torch.device("cpu"), STAGING_BYTES, tag=f"{self._engine.cluster_id}.staging")
-            return area
+        self._announce(area, added=True)  # also when the agent started after the area
+        return area
 
     def resolve(self, request: Resolve) -> Resolved:
         with self._engine.operation():

@@ -8,6 +8,7 @@ links again and pulls.
 """
 import contextlib
 import importlib
+import os
 import time
 import types
 
@@ -263,3 +264,30 @@ def test_peer_killed_mid_pull():
         result = pair.d.call("unlink_from", pair.pid, pair.pip, pair.port, True)
         assert result["overall"] == 0, result
         pair.d.finish(30)
+
+
+def test_staged_pull_and_push_between_hosts(monkeypatch):
+    """The device-memory path across hosts: every transfer goes through the owner's staging
+    area (forced on CPU), which its Mooncake agent registers, and over mooncake."""
+    monkeypatch.setenv("LLM_DATADIST_TORCH_STAGE_TRANSFERS", "1")  # inherited by both children
+    with topology("two_hosts") as where, Harness() as h:
+        pair = start_pair(h, where)
+        pair.p.call("allocate", "ab", 4, B_SHAPE, seed=41, blocks=True, model_id=0)
+        pair.d.call("allocate", "db", 4, B_SHAPE, seed=42, blocks=True)
+        src, dst = Model(41, 4, B_SHAPE), Model(42, 4, B_SHAPE)
+        pair.d.call("pull_blocks", key("BlocksCacheKey", pair.pid, 0), "db", [2, 7], [5, 0],
+                    src_layer_range=range(1, 2), dst_layer_range=range(1, 2))
+        for i in (2, 3):
+            dst.t[i][5], dst.t[i][0] = src.t[i][2], src.t[i][7]
+        dst.check(pair.d, "db")
+        pair.d.call("register", "pb", 4, B_SHAPE, seed=43, model_id=5)
+        pair.p.call("register", "pb", 4, B_SHAPE, seed=44, model_id=5)
+        target, pushed = Model(43, 4, B_SHAPE), Model(44, 4, B_SHAPE)
+        pair.p.call("push_blocks", key("BlocksCacheKey", pair.did, 5), "pb", [1, 6], [3, 4])
+        for i in range(4):
+            target.t[i][3], target.t[i][4] = pushed.t[i][1], pushed.t[i][6]
+        target.check(pair.d, "pb")
+        assert pair.d.call("transports_used", pair.pid) == ["mooncake"]
+        staging = [n for n in os.listdir("/dev/shm") if f".{pair.p.pid}." in n and ".staging." in n]
+        assert staging, "the prompt's staging area should exist"
+        stop_pair(pair)
