@@ -16,6 +16,7 @@ import torch
 
 from . import _C
 from ._arena import MemoryArena
+from ._bounce import BounceBuffer
 from ._cache_table import CacheEntry, CacheTable
 from ._device import device_range_allocated, resolve_device
 from ._options import EngineOptions, strict_limits
@@ -72,6 +73,7 @@ class Engine:
         # Told (under the table lock) when remote-accessible memory comes and goes: the Mooncake
         # agent, once a link started it (_mooncake_agent.py).
         self.memory_listener = None
+        self.bounce = BounceBuffer(self)  # local device memory a transport cannot reach
         try:
             for placement, config in ((Placement.DEVICE, options.mem_pool),
                                       (Placement.HOST, options.host_mem_pool)):
@@ -101,6 +103,7 @@ class Engine:
                 return
             self.closed = True
             self.table.clear()
+            self.bounce.close()
             self._close_pools()
             self.registry = None
 

@@ -22,9 +22,9 @@ from ._options import force_staging
 from ._serving import Responder
 from .configs import LLMClusterInfo, ip_int_to_str
 from .control.host import local_host_id
-from .control.messages import (Ack, Hello, HelloReply, Invalidate, Message, MooncakeEndpoint, Ping,
-                               Pong, PROTOCOL_VERSION, Release, Resolve, Resolved, StageArea,
-                               Staged, StageRead, StageWrite, Unlink)
+from .control.messages import (Ack, Hello, HelloReply, Invalidate, Locate, Message,
+                               MooncakeEndpoint, Ping, Pong, PROTOCOL_VERSION, Release, Resolve,
+                               Resolved, StageArea, Staged, StageRead, StageWrite, Unlink)
 from .control.rpc_client import RpcClient
 from .control.rpc_server import RpcServer
 from .status import LLMException, LLMStatusCode, fail
@@ -453,6 +453,9 @@ class LinkManager:
         if isinstance(request, StageRead):  # StageWrite too (a subclass)
             self.get(request.requester)
             return Staged(region=self._responder.stage(request, not isinstance(request, StageWrite)))
+        if isinstance(request, Locate):
+            self.get(request.requester)
+            return self._responder.locate(request)
         if isinstance(request, Release):
             self.get(request.requester)
             self._responder.release(request)

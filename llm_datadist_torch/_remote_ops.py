@@ -21,8 +21,8 @@ from ._transfer_plan import Geometry, build_plan
 from .control.messages import Release, Resolve, Resolved, StageArea, StageRead, StageWrite
 from .enums import Placement
 from .keys import INVALID_ID
-from .status import LLMException, LLMStatusCode, fail
-from .transport.base import MemoryRegion, TransferItem
+from .status import LLMException, LLMStatusCode, fail, raise_if_false
+from .transport.base import MemoryRegion, TransferItem, Transport
 
 
 @dataclasses.dataclass
@@ -76,8 +76,13 @@ def _resolve(engine: Engine, link: Link, ref: RemoteRef, request, local: CacheEn
 def transfer(engine: Engine, link: Link, ref: RemoteRef, local: CacheEntry, direction: str, op: str, *,
              local_slot: int = 0, nbytes: int = -1, src_blocks: Sequence[int] = (),
              dst_blocks: Sequence[int] = (), src_tensors: Sequence[int] = (),
-             dst_tensors: Sequence[int] = (), release_keys: bool = True) -> int:
-    """Run one pull (`direction="pull"`) or push; returns the bytes moved."""
+             dst_tensors: Sequence[int] = (), release_keys: bool = True,
+             remote_block_bytes: int = 0) -> int:
+    """Run one pull (`direction="pull"`) or push; returns the bytes moved.
+
+    `remote_block_bytes`, when non-zero, is the block size the caller expects of the remote
+    blocks cache (`transfer_cache_async`'s `dst_block_memory_size`).
+    """
     timeout_s = engine.options.sync_kv_timeout_ms / 1000.0
     deadline = time.monotonic() + timeout_s
     pulling = direction == "pull"
@@ -93,19 +98,32 @@ def transfer(engine: Engine, link: Link, ref: RemoteRef, local: CacheEntry, dire
                        dst_tensors=list(dst_tensors))
     reply, remote_slot = _resolve(engine, link, ref, request, local, deadline)
     theirs = Geometry(*reply.geometry[:3], bool(reply.geometry[3]))
+    raise_if_false(not remote_block_bytes or (theirs.is_blocks and theirs.stride == remote_block_bytes),
+                   "the remote cache has %d byte blocks, not %d", theirs.stride, remote_block_bytes)
     src, dst = (theirs, mine) if pulling else (mine, theirs)
     src_slot, dst_slot = (remote_slot, local_slot) if pulling else (local_slot, remote_slot)
     plan = build_plan(op, src, dst, src_slot, dst_slot, nbytes, src_blocks, dst_blocks, src_tensors,
                       dst_tensors)
-    first_remote = reply.regions[plan.pairs[0][0] if pulling else plan.pairs[0][1]]
+    moved = move(engine, link, reply.cache_id, reply.regions, plan, local, pulling, deadline)
+    _release_pulled(engine, link, reply, plan, pulling and release_keys, deadline)
+    return moved
+
+
+def move(engine: Engine, link: Link, cache_id: int, regions, plan, local: CacheEntry, pulling: bool,
+         deadline: float) -> int:
+    """Move the bytes of `plan` between `local` and tensors of the owner's cache `cache_id`
+    (`regions`: wire regions by tensor index); returns the bytes moved.
+
+    One-sided through the link's transports, or through the owner's staging area when the
+    requester cannot reach that memory (device memory of another process).
+    """
+    first_remote = regions[plan.pairs[0][0] if pulling else plan.pairs[0][1]]
     if link.needs_staging(_region(first_remote)):
-        moved = _staged(engine, link, reply.cache_id, plan, local, pulling, deadline)
-        _release_pulled(engine, link, reply, plan, pulling and release_keys, deadline)
-        return moved
+        return _staged(engine, link, cache_id, plan, local, pulling, deadline)
     by_transport = defaultdict(list)
     for src_index, dst_index in plan.pairs:
         remote_index, local_index = (src_index, dst_index) if pulling else (dst_index, src_index)
-        region = _region(reply.regions[remote_index])
+        region = _region(regions[remote_index])
         remote_offsets, local_offsets = ((plan.src_offsets, plan.dst_offsets) if pulling
                                          else (plan.dst_offsets, plan.src_offsets))
         item = TransferItem(region, remote_offsets, local.raw[local_index], local_offsets, plan.lengths)
@@ -118,15 +136,26 @@ def transfer(engine: Engine, link: Link, ref: RemoteRef, local: CacheEntry, dire
                 fail(LLMStatusCode.LLM_TIMEOUT, "transfer with cluster %d exceeded %d ms",
                      link.cluster_id, engine.options.sync_kv_timeout_ms)
             try:
-                moved += transport.read(items, remaining) if pulling else transport.write(items, remaining)
+                moved += _through(engine, link, transport, items, pulling, deadline)
             except LLMException as exc:
                 in_flight = getattr(exc, "in_flight", None)  # a copy abandoned while running
                 if in_flight is not None:
                     link.broken = True  # spec §26.26: a timed-out link must be re-linked
                     in_flight.add_done_callback(engine.table.hold([local]))
                 raise
-    _release_pulled(engine, link, reply, plan, pulling and release_keys, deadline)
     return moved
+
+
+def _through(engine: Engine, link: Link, transport: Transport, items, pulling: bool,
+             deadline: float) -> int:
+    """One transport call, with local device memory the transport cannot reach (or, under the
+    staging test switch, any local memory of a cross-process link) bounced through host memory."""
+    remaining = deadline - time.monotonic()
+    forced = link.force_staging and not link.peer.same_process
+    if forced or (not transport.moves_local_device_memory
+                  and any(item.local.device.type != "cpu" for item in items)):
+        return engine.bounce.move(transport, items, pulling, deadline)
+    return transport.read(items, remaining) if pulling else transport.write(items, remaining)
 
 
 def _region(wire) -> MemoryRegion:
@@ -167,9 +196,7 @@ def _staged(engine: Engine, link: Link, cache_id: int, plan, local: CacheEntry, 
             region = _region(area)
             items = [TransferItem(region, packed + k * chunk_bytes, local.raw[t], local_offsets[chunk],
                                   lengths) for k, t in enumerate(local_tensors)]
-            transport = link.transport_for(region)
-            remaining = deadline - time.monotonic()
-            moved += transport.read(items, remaining) if pulling else transport.write(items, remaining)
+            moved += _through(engine, link, link.transport_for(region), items, pulling, deadline)
             if not pulling:
                 link.call(StageWrite(**message), deadline - time.monotonic())
     return moved

@@ -18,7 +18,7 @@ from ._device import synchronize
 from ._engine import Engine
 from ._segments import SegmentBatch, copy_batches
 from ._transfer_plan import Geometry, build_plan
-from .control.messages import Region, Release, Resolve, Resolved, StageRead
+from .control.messages import Locate, Located, Place, Region, Release, Resolve, Resolved, StageRead
 from .enums import Placement
 from .keys import INVALID_ID
 from .status import LLMStatusCode, fail, raise_if_false
@@ -121,12 +121,7 @@ class Responder:
                        request.dst_blocks, request.src_tensors, request.dst_tensors)  # checks only
             # Every tensor, not only the planned ones: a requester may keep this answer for
             # later requests on the same cache (it is told when the cache goes away).
-            regions = {}
-            for index in range(entry.num_tensors):
-                region = self._engine.region(entry, index)
-                regions[index] = Region(address=region.address, nbytes=region.nbytes,
-                                        device=region.device, shm_name=region.shm_name,
-                                        shm_offset=region.shm_offset)
+            regions = {index: self._wire_region(entry, index) for index in range(entry.num_tensors)}
             release_key = None
             if pulling and binding is not None and binding.releasable:
                 release_key = self._engine.table.identity_of(binding)
@@ -134,6 +129,30 @@ class Responder:
                             placement=int(entry.placement), slot=slot, regions=regions,
                             release_key=release_key,
                             keyed_slots=self._engine.table.keyed_slots(entry))
+
+    def locate(self, request: Locate) -> Located:
+        """Find the remote-accessible cache tensor that holds each requested address range; a
+        range that is not wholly inside one is refused (raw addresses are never trusted)."""
+        with self._engine.operation():
+            tensors = [(entry, index, raw.data_ptr(), raw.numel())
+                       for entry in self._engine.table.entries() if entry.remote_accessible
+                       for index, raw in enumerate(entry.raw)]
+            places = []
+            for address in request.addresses:
+                found = [(entry, index, address - start) for entry, index, start, nbytes in tensors
+                         if start <= address and address + request.nbytes <= start + nbytes]
+                raise_if_false(bool(found), "no cache of cluster %d registered for remote access "
+                               "holds [0x%x, +%d bytes)", self._engine.cluster_id, address,
+                               request.nbytes)
+                entry, index, offset = found[0]
+                places.append(Place(cache_id=entry.cache_id, tensor=index, offset=offset,
+                                    region=self._wire_region(entry, index)))
+            return Located(places=places)
+
+    def _wire_region(self, entry: CacheEntry, index: int) -> Region:
+        region = self._engine.region(entry, index)
+        return Region(address=region.address, nbytes=region.nbytes, device=region.device,
+                      shm_name=region.shm_name, shm_offset=region.shm_offset)
 
     def release(self, request: Release) -> None:
         """The peer finished pulling these tensors through a request key."""

@@ -11,7 +11,7 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from . import _local_ops, _transfer_args
+from . import _layer_transfer, _local_ops, _transfer_args
 from ._remote_ops import transfer
 from ._cache_table import CacheEntry
 from ._checks import check_int64, check_isinstance, check_uint32, check_uint64
@@ -21,7 +21,7 @@ from .cache_desc import CacheDesc
 from .enums import Memtype, Placement
 from .keys import BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex
 from .status import LLMStatusCode, fail, raise_if_false
-from .transfer_types import MemInfo
+from .transfer_types import CacheTask, LayerSynchronizer, MemInfo
 
 logger = logging.getLogger(__name__)
 
@@ -357,6 +357,18 @@ class CacheManager:
             transfer(engine, link, _transfer_args.remote_ref(dst_cache_key), local, "push", "b2b",
                      src_blocks=src_blocks, dst_blocks=dst_blocks, src_tensors=src_tensors,
                      dst_tensors=dst_tensors)
+
+    def transfer_cache_async(self, src_cache: Cache, layer_synchronizer: LayerSynchronizer,
+                             transfer_configs, src_block_indices=None, dst_block_indices=None,
+                             dst_block_memory_size: Optional[int] = None) -> CacheTask:
+        """Push `src_cache` layer by layer, each layer once `layer_synchronizer` says it is
+        computed, to destinations by raw address (`TransferConfig`) or, in
+        remote-cache-accessible mode, by key (`TransferWithCacheKeyConfig`). Returns at once."""
+        blocks = _layer_transfer.check_arguments(
+            src_cache, layer_synchronizer, transfer_configs, src_block_indices, dst_block_indices,
+            dst_block_memory_size, self._remote_accessible_mode)
+        return _layer_transfer.start(self._engine, self._links, src_cache, layer_synchronizer,
+                                     transfer_configs, blocks)
 
     # ---- fault handling --------------------------------------------------------------------
     def remap_registered_memory(self, mem_infos: Union[MemInfo, List[MemInfo]]) -> None:

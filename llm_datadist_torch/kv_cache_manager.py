@@ -16,6 +16,7 @@ from .cache_desc import CacheDesc
 from .cache_manager import CacheManager, check_tensor_index, wait_and_view
 from .keys import BlocksCacheKey, CacheKey
 from .status import LLMStatusCode
+from .transfer_types import CacheTask
 
 
 class KvCacheManager:
@@ -76,6 +77,13 @@ class KvCacheManager:
     def pull_blocks(self, src_cache_key, dst_cache: KvCache, src_blocks=(), dst_blocks=(), **kwargs) -> None:
         self._v2.pull_blocks(src_cache_key, self._as_cache("dst_cache", dst_cache), src_blocks, dst_blocks,
                              **kwargs)
+
+    def transfer_cache_async(self, src_cache: KvCache, layer_synchronizer, transfer_configs,
+                             src_block_indices=None, dst_block_indices=None,
+                             dst_block_memory_size=None) -> CacheTask:
+        return self._v2.transfer_cache_async(
+            self._as_cache("src_cache", src_cache), layer_synchronizer, transfer_configs,
+            src_block_indices, dst_block_indices, dst_block_memory_size)
 
     def get_cache_tensors(self, cache: KvCache, tensor_index: int = 0) -> List[torch.Tensor]:
         """One view per device entry of the cache (one device): `[view]`, sharing its memory.

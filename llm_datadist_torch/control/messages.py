@@ -17,7 +17,7 @@ import msgspec
 #   1 - first version: Hello/HelloReply, Ping/Pong, ErrorReply, Resolve/Resolved, Release,
 #       Unlink, Ack. Later, compatibly: `mooncake_endpoint`, `mooncake_required` on
 #       Hello/HelloReply; MooncakeEndpoint; Invalidate; Resolved.keyed_slots;
-#       StageRead/StageWrite/StageArea/Staged.
+#       StageRead/StageWrite/StageArea/Staged; Locate/Located.
 PROTOCOL_VERSION = 1
 
 
@@ -175,6 +175,31 @@ class Staged(Message, tag="staged", frozen=True, kw_only=True):
     region: Region
 
 
+class Locate(Message, tag="locate", frozen=True, kw_only=True):
+    """Requester -> owner: which cache tensors hold ``[address, address + nbytes)`` for each of
+    these raw addresses (`transfer_cache_async` with `TransferConfig` writes by address)."""
+
+    requester: int
+    addresses: list[int]
+    nbytes: int
+
+
+class Place(msgspec.Struct, frozen=True, kw_only=True):
+    """Where a located address lies: tensor `tensor` of cache `cache_id`, `offset` bytes in
+    (not a message; part of `Located`)."""
+
+    cache_id: int
+    tensor: int
+    offset: int
+    region: Region
+
+
+class Located(Message, tag="located", frozen=True, kw_only=True):
+    """Owner -> requester: one `Place` per address of `Locate`, in order."""
+
+    places: list[Place]
+
+
 # Every type the codec can decode. Append new message types here.
 MESSAGE_TYPES = (
     Hello,
@@ -193,6 +218,8 @@ MESSAGE_TYPES = (
     StageWrite,
     StageArea,
     Staged,
+    Locate,
+    Located,
 )
 
 AnyMessage = Union[MESSAGE_TYPES]  # type: ignore[valid-type]

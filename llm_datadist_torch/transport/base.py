@@ -164,6 +164,9 @@ class Transport(abc.ABC):
     """
 
     name: ClassVar[str]
+    # Whether `_transfer` copies to and from local accelerator memory itself; if not, the
+    # caller bounces such memory through host memory (_bounce.py).
+    moves_local_device_memory: ClassVar[bool] = False
 
     def __init__(self, peer: Peer):
         self.peer = peer

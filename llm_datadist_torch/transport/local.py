@@ -11,6 +11,7 @@ class LocalTransport(Transport):
     """Copies between tensors of one process, CPU or device, straight by address."""
 
     name = "local"
+    moves_local_device_memory = True
 
     @classmethod
     def can_serve(cls, peer: Peer, region: MemoryRegion) -> bool:

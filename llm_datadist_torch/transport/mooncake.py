@@ -3,16 +3,18 @@ Transfer Engine (TCP, or RDMA with `LLM_DATADIST_TORCH_MOONCAKE_PROTOCOL=rdma`);
 hosts. Optional dependency; see `_mooncake_agent.py` for the engine, its set-up and its memory.
 
 A transfer is one `batch_transfer_sync_read/write` with every segment (adjacent segments are
-merged first; more than `MAX_PENDING_PER_PEER` segments go in several batches, see the agent). Mooncake's synchronous calls only give up after their own timeout (at least 5 s,
+merged first; more than `MAX_PENDING_PER_PEER` segments go in several batches, see the
+agent). Mooncake's synchronous calls only give up after their own timeout (at least 5 s,
 plus a second per GiB), so the call runs in a thread of its own and the caller waits at most
 until its deadline: then `LLM_TIMEOUT`, the link is marked broken (unlink and link again), and
 the exception carries the call (`in_flight`) so that the caller keeps the local memory alive
 until Mooncake has really let go of it. Mooncake reports failures as a bare -1 (peer gone or
 unreachable, address refused by the peer): `LLM_LINK_FAILED`.
 
-CPU memory only: CUDA / NPU memory would need Mooncake's device registration (a GPU or Ascend
-build) or staging through pinned host buffers; device memory is refused with
-`LLM_FEATURE_NOT_ENABLED` rather than handed to Mooncake as a host address.
+CPU memory only (the CPU wheel has no device registration): the requester reaches a peer's
+device memory through the peer's host staging area and bounces its own through a host buffer
+(`_remote_ops`, `_bounce`); device memory handed here anyway is refused with
+`LLM_FEATURE_NOT_ENABLED` rather than given to Mooncake as a host address.
 """
 from __future__ import annotations
 

@@ -46,6 +46,7 @@ class ShmTransport(Transport):
     """Copies between local tensors and a same-host peer's /dev/shm arena files."""
 
     name = "shm"
+    moves_local_device_memory = True
 
     def __init__(self, peer: Peer):
         super().__init__(peer)

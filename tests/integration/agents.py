@@ -19,8 +19,9 @@ from typing import Dict, List, Optional
 import torch
 
 from llm_datadist_torch import (BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIndex, DataType,
-                                LLMClusterInfo, LLMConfig, LLMDataDist, LLMException, LLMRole,
-                                Placement)
+                                LayerSynchronizer, LLMClusterInfo, LLMConfig, LLMDataDist,
+                                LLMException, LLMRole, Placement, TransferConfig,
+                                TransferWithCacheKeyConfig)
 
 from harness import serve, shm_files
 
@@ -336,6 +337,59 @@ class Agent:
         thread.join(timeout_s)
         assert not thread.is_alive(), f"the pull series still runs after {timeout_s} s"
         return dict(state)
+
+    def addresses(self, name: str) -> List[int]:
+        return list(self.caches[name].tensor_addrs)
+
+    # -- a layer-wise push (transfer_cache_async) while "the model" writes the layers
+    def transfer_layers(self, name: str, configs: list, seed: int, src_block_indices=None,
+                        dst_block_indices=None, dst_block_memory_size=None,
+                        refuse_layer: Optional[int] = None, raise_layer: Optional[int] = None) -> dict:
+        """`transfer_cache_async` of cache `name`, started before its layers are computed: the
+        K and V of layer L get `pattern(seed, ...)` only after the start, and the synchronizer
+        lets layer L go once it is written, so only a push that waited can deliver those bytes.
+
+        `configs`: ("addrs", cluster_id, dst_addrs, src_range, batch) or
+        ("key", key spec, src_range, dst_range, batch); ranges as (start, stop) or None.
+        The synchronizer refuses `refuse_layer` and raises at `raise_layer`. Returns the
+        results, the synchronize() codes and the layers the synchronizer was asked for.
+        """
+        cache = self.caches[name]
+        layers = cache.cache_desc.num_tensors // 2
+        written = [threading.Event() for _ in range(layers)]
+        asked: List[int] = []
+
+        class ModelLayers(LayerSynchronizer):
+            def synchronize_layer(self, layer_index, timeout_in_millis):
+                asked.append(layer_index)
+                if layer_index == raise_layer:
+                    raise RuntimeError("synchronizer failure (test)")
+                return layer_index != refuse_layer and written[layer_index].wait(30)
+
+        def as_range(value):
+            return None if value is None else range(*value)
+
+        made = []
+        for kind, target, *rest in configs:
+            if kind == "addrs":
+                made.append(TransferConfig(target, list(rest[0]), as_range(rest[1]), rest[2]))
+            else:
+                made.append(TransferWithCacheKeyConfig(_make_key(target), as_range(rest[0]),
+                                                       as_range(rest[1]), rest[2]))
+        task = self.manager.transfer_cache_async(cache, ModelLayers(), made, src_block_indices,
+                                                 dst_block_indices, dst_block_memory_size)
+        early = task.synchronize(50)  # the worker waits for layer data nobody has written yet
+        tensors = self._tensors(name)
+        for layer in range(layers):
+            for index in (2 * layer, 2 * layer + 1):
+                raw = tensors[index].view(-1).view(torch.uint8)
+                raw.copy_(pattern(seed, index, raw.numel()))
+            written[layer].set()
+        final = task.synchronize(60_000)
+        results = task.get_results(60_000)
+        return {"early": int(early), "final": int(final), "asked": asked,
+                "results": [None if r is None else int(r) for r in results],
+                "ranges": [(c.src_layer_range.start, c.src_layer_range.stop) for c in made]}
 
     # -- resources
     def resources(self) -> dict:

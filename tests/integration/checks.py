@@ -1,12 +1,13 @@
 """Parent-side checks shared by the integration tests: byte models of caches, error codes."""
 import contextlib
 import time
+import types
 
 import pytest
 import torch
 
-from agents import as_slots, expected, tensor_bytes
-from harness import ChildError
+from agents import agent, as_slots, expected, new_cluster_id, tensor_bytes
+from harness import ChildError, assert_no_shm_files
 from llm_datadist_torch import LLMStatusCode
 
 SYNC_TIMEOUT_MS = 10_000         # long: "fails at once" must not mean "after a timeout"
@@ -48,3 +49,28 @@ def raises_code(code: LLMStatusCode, within_s: float = None):
         f"expected {code.name}, got {info.value.status_code}: {info.value.message}")
     if within_s is not None:
         assert elapsed < within_s, f"{code.name} after {elapsed:.2f} s, expected < {within_s} s"
+
+
+def start_pair(h, prompt_kwargs=None, decoder_kwargs=None, link=True, prompt_env=None):
+    """A prompt (listening) and a decoder in two processes, initialized in parallel, linked."""
+    pid, did = new_cluster_id(), new_cluster_id()
+    p, d = h.spawn(agent, name="prompt", env=prompt_env), h.spawn(agent, name="decoder")
+    p.begin("init", pid, "PROMPT", **{"listen": True, "sync_kv_timeout": SYNC_TIMEOUT_MS,
+                                      **(prompt_kwargs or {})})
+    d.begin("init", did, "DECODER", **{"sync_kv_timeout": SYNC_TIMEOUT_MS, **(decoder_kwargs or {})})
+    port = p.end(60)["port"]
+    d.end(60)
+    pair = types.SimpleNamespace(p=p, d=d, pid=pid, did=did, port=port, link_ms=None)
+    if link:
+        result = d.call("link", pid, port)
+        assert result["overall"] == 0 and result["per"] == [0], result
+        pair.link_ms = result["ms"]
+    return pair
+
+
+def stop_pair(pair) -> None:
+    """Unlink, leave cleanly, and leave no shared-memory file behind."""
+    pair.d.call("unlink", pair.pid, pair.port)
+    for child in (pair.p, pair.d):
+        child.finish()
+        assert_no_shm_files(child.pid)

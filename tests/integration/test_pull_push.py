@@ -6,42 +6,16 @@ source's bytes and everything else its own earlier bytes. Caches hold determinis
 """
 import signal
 import time
-import types
 
 import pytest
 
-from agents import agent, key, new_cluster_id
-from checks import (B_SHAPE, BLOCK, C_SHAPE, D_C_SHAPE, FAST_S, SLOT, SYNC_TIMEOUT_MS, Model,
-                    raises_code)
+from agents import key, new_cluster_id
+from checks import (B_SHAPE, BLOCK, C_SHAPE, D_C_SHAPE, FAST_S, SLOT, Model, raises_code, start_pair,
+                    stop_pair)
 from harness import ChildError, assert_no_shm_files
 from llm_datadist_torch import LLMStatusCode
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(90)]
-
-
-def start_pair(h, prompt_kwargs=None, decoder_kwargs=None, link=True):
-    """A prompt (listening) and a decoder in two processes, initialized in parallel, linked."""
-    pid, did = new_cluster_id(), new_cluster_id()
-    p, d = h.spawn(agent, name="prompt"), h.spawn(agent, name="decoder")
-    p.begin("init", pid, "PROMPT", **{"listen": True, "sync_kv_timeout": SYNC_TIMEOUT_MS,
-                                      **(prompt_kwargs or {})})
-    d.begin("init", did, "DECODER", **{"sync_kv_timeout": SYNC_TIMEOUT_MS, **(decoder_kwargs or {})})
-    port = p.end(60)["port"]
-    d.end(60)
-    pair = types.SimpleNamespace(p=p, d=d, pid=pid, did=did, port=port, link_ms=None)
-    if link:
-        result = d.call("link", pid, port)
-        assert result["overall"] == 0 and result["per"] == [0], result
-        pair.link_ms = result["ms"]
-    return pair
-
-
-def stop_pair(pair) -> None:
-    """Unlink, leave cleanly, and leave no shared-memory file behind."""
-    pair.d.call("unlink", pair.pid, pair.port)
-    for child in (pair.p, pair.d):
-        child.finish()
-        assert_no_shm_files(child.pid)
 
 
 @pytest.fixture(scope="module")

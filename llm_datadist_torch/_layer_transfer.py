@@ -1,0 +1,244 @@
+"""`transfer_cache_async`: a layer-by-layer push that follows model execution (spec §15.14).
+
+The arguments are checked before anything starts. A worker thread then walks the source layers
+in ascending order; for each layer some destination wants, it asks the `LayerSynchronizer`
+whether the model has written it, then pushes its K and V tensors to every such destination.
+A destination is named by key (`TransferWithCacheKeyConfig`: resolved and checked on the owner
+like any push) or by raw addresses (`TransferConfig`: located on the owner, which refuses any
+range outside its remote-accessible caches). Results are kept per destination cluster id.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+import threading
+import time
+from typing import Dict, List, Optional, Sequence
+
+from ._checks import check_isinstance, check_list_uint64, check_uint64
+from ._cache_table import CacheEntry
+from ._engine import Engine
+from ._remote_ops import move, transfer
+from ._serving import geometry_of
+from ._transfer_args import remote_ref
+from ._transfer_plan import (Geometry, Plan, plan_blocks_to_blocks, plan_slot_to_blocks,
+                             plan_slot_to_slot)
+from .cache import Cache
+from .control.messages import Locate, Located
+from .enums import Placement
+from .status import LLMException, LLMStatusCode, fail, raise_if_false
+from .transfer_types import CacheTask, LayerSynchronizer, TransferConfig, TransferWithCacheKeyConfig
+
+logger = logging.getLogger(__name__)
+
+SUCCESS = LLMStatusCode.LLM_SUCCESS
+PARAM = LLMStatusCode.LLM_PARAM_INVALID
+TENSORS_PER_LAYER = 2  # K and V: fixed for this API
+_task_numbers = itertools.count(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockArgs:
+    """The block selection shared by every destination of one task."""
+
+    src_blocks: List[int]
+    dst_blocks: List[int]
+    block_bytes: int  # dst_block_memory_size; 0 when not given
+
+    @property
+    def op(self) -> str:
+        if self.src_blocks:
+            return "b2b"
+        return "c2b" if self.dst_blocks else "c2c"
+
+
+def _index_list(name: str, values) -> List[int]:
+    check_isinstance(name, values, (list, tuple), int)
+    if values is None:
+        return []
+    check_list_uint64(name, values)
+    return list(values)
+
+
+def check_arguments(src_cache, layer_synchronizer, transfer_configs, src_block_indices,
+                    dst_block_indices, dst_block_memory_size, remote_accessible_mode: bool) -> BlockArgs:
+    """Spec §15.14 steps 1-14, in order; fills `src_layer_range=None` in place (step 11)."""
+    check_isinstance("src_cache", src_cache, Cache, allow_none=False)
+    raise_if_false(src_cache.cache_desc.placement != Placement.HOST,
+                   "transfer_cache_async does not send from HOST caches")
+    src_blocks = _index_list("src_block_indices", src_block_indices)
+    dst_blocks = _index_list("dst_block_indices", dst_block_indices)
+    if dst_block_memory_size is not None:
+        check_uint64("dst_block_memory_size", dst_block_memory_size)
+    if src_blocks:
+        raise_if_false(len(dst_blocks) > 0, "blocks to cache is not supported: dst_block_indices "
+                       "must be given with src_block_indices")
+        raise_if_false(len(src_blocks) == len(dst_blocks), "%d source blocks for %d destination "
+                       "blocks", len(src_blocks), len(dst_blocks))
+    elif dst_blocks:
+        raise_if_false(dst_block_memory_size is not None,
+                       "dst_block_memory_size is required with dst_block_indices")
+    check_isinstance("layer_synchronizer", layer_synchronizer, LayerSynchronizer, allow_none=False)
+    config_type = TransferWithCacheKeyConfig if remote_accessible_mode else TransferConfig
+    check_isinstance("transfer_configs", transfer_configs, (list, tuple), config_type,
+                     allow_none=False)
+    if not dst_blocks:
+        raise_if_false(dst_block_memory_size in (None, 0),
+                       "dst_block_memory_size needs dst_block_indices")
+    num_tensors = src_cache.cache_desc.num_tensors
+    raise_if_false(num_tensors % TENSORS_PER_LAYER == 0,
+                   "the source cache has %d tensors, not K and V per layer", num_tensors)
+    num_layers = num_tensors // TENSORS_PER_LAYER
+    for config in transfer_configs:
+        if config.src_layer_range is None:
+            config.src_layer_range = range(0, num_layers)
+        layers = config.src_layer_range
+        raise_if_false(not src_blocks or config.src_batch_index == 0,
+                       "src_batch_index must be 0 when sending blocks")
+        raise_if_false(0 <= layers.start < layers.stop <= num_layers,
+                       "src_layer_range %s is outside the %d layers of the cache", layers, num_layers)
+        if isinstance(config, TransferConfig):
+            raise_if_false(len(config.dst_addrs) == TENSORS_PER_LAYER * len(layers),
+                           "%d dst_addrs for %d layers (K and V per layer)", len(config.dst_addrs),
+                           len(layers))
+        else:
+            raise_if_false(config.cache_key is not None, "cache_key is required")
+            raise_if_false(config.dst_layer_range is not None
+                           and len(config.dst_layer_range) == len(layers),
+                           "dst_layer_range must match src_layer_range %s", layers)
+    return BlockArgs(src_blocks, dst_blocks, dst_block_memory_size or 0)
+
+
+def start(engine: Engine, links, src_cache: Cache, layer_synchronizer: LayerSynchronizer,
+          transfer_configs: Sequence, blocks: BlockArgs) -> CacheTask:
+    """Start the worker thread of a checked request."""
+    configs = list(transfer_configs)
+    results: Dict[int, Optional[LLMStatusCode]] = {}
+    task = _LayerTask(engine, links, src_cache.cache_id, src_cache.cache_desc.num_tensors,
+                      layer_synchronizer, configs, blocks, results)
+    worker = threading.Thread(target=task.run, daemon=True,
+                              name=f"llm_datadist_torch.transfer_cache_async-{next(_task_numbers)}")
+    worker.start()
+    return CacheTask(worker, configs, results)
+
+
+class _LayerTask:
+    def __init__(self, engine: Engine, links, cache_id: int, num_tensors: int,
+                 synchronizer: LayerSynchronizer, configs: list, blocks: BlockArgs,
+                 results: Dict[int, Optional[LLMStatusCode]]):
+        self._engine = engine
+        self._links = links
+        self._cache_id = cache_id
+        self._num_layers = num_tensors // TENSORS_PER_LAYER
+        self._synchronizer = synchronizer
+        self._configs = configs
+        self._blocks = blocks
+        self._results = results
+
+    def run(self) -> None:
+        try:
+            self._run_layers()
+        except Exception:  # a synchronizer or a bug: report it rather than a silent success
+            logger.exception("transfer_cache_async of cache %d stopped", self._cache_id)
+            for config in self._configs:
+                self._results.setdefault(config.dst_cluster_id, LLMStatusCode.LLM_FAILED)
+
+    def _run_layers(self) -> None:
+        for layer in range(self._num_layers):
+            targets = [c for c in self._configs if layer in c.src_layer_range]
+            if not targets:
+                continue  # nobody wants this layer: the synchronizer is not asked either
+            if not self._synchronizer.synchronize_layer(layer, None):
+                for config in targets:
+                    self._results[config.dst_cluster_id] = PARAM
+                return
+            for config in targets:
+                try:
+                    self._send_layer(config, layer)
+                except LLMException as exc:
+                    logger.error("transfer_cache_async: layer %d to cluster %d failed: %s", layer,
+                                 config.dst_cluster_id, exc)
+                    self._results[config.dst_cluster_id] = exc.status_code
+                    return
+                if layer == config.src_layer_range.stop - 1:
+                    self._results[config.dst_cluster_id] = SUCCESS
+
+    def _send_layer(self, config, layer: int) -> None:
+        with self._engine.operation(PARAM) as engine:
+            local = engine.table.get(self._cache_id)
+            if isinstance(config, TransferWithCacheKeyConfig):
+                self._send_by_key(engine, config, local, layer)
+            else:
+                self._send_to_addresses(engine, config, local, layer)
+
+    def _send_by_key(self, engine: Engine, config: TransferWithCacheKeyConfig, local: CacheEntry,
+                     layer: int) -> None:
+        key = config.cache_key
+        raise_if_false(key.cluster_id != engine.cluster_id,
+                       "cannot transfer to this cluster's own cluster_id %d", key.cluster_id)
+        raise_if_false(local.remote_accessible, "cache %d is not registered for remote access",
+                       local.cache_id)
+        link = self._links.get(key.cluster_id)
+        # The intended mapping (spec §26.14): the i-th source layer goes to the i-th destination one.
+        dst_layer = config.dst_layer_range.start + (layer - config.src_layer_range.start)
+        blocks = self._blocks
+        raise_if_false(blocks.op != "b2b" or blocks.block_bytes in (0, local.stride),
+                       "dst_block_memory_size %d differs from the %d byte source blocks",
+                       blocks.block_bytes, local.stride)
+        transfer(engine, link, remote_ref(key), local, "push", blocks.op,
+                 local_slot=config.src_batch_index, nbytes=local.stride,
+                 src_blocks=blocks.src_blocks, dst_blocks=blocks.dst_blocks,
+                 src_tensors=_layer_tensors(layer), dst_tensors=_layer_tensors(dst_layer),
+                 remote_block_bytes=blocks.block_bytes if blocks.op == "c2b" else 0)
+
+    def _send_to_addresses(self, engine: Engine, config: TransferConfig, local: CacheEntry,
+                           layer: int) -> None:
+        raise_if_false(config.dst_cluster_id != engine.cluster_id,
+                       "cannot transfer to this cluster's own cluster_id %d", config.dst_cluster_id)
+        link = self._links.get(config.dst_cluster_id)
+        deadline = time.monotonic() + engine.options.sync_kv_timeout_ms / 1000.0
+        plan, extent = _address_plan(geometry_of(local), self._blocks, config.src_batch_index)
+        first = TENSORS_PER_LAYER * (layer - config.src_layer_range.start)
+        addresses = list(config.dst_addrs[first:first + TENSORS_PER_LAYER])
+        reply = link.call(Locate(requester=engine.cluster_id, addresses=addresses, nbytes=extent),
+                          deadline - time.monotonic())
+        if not isinstance(reply, Located):
+            fail(LLMStatusCode.LLM_FAILED, "unexpected answer %s from cluster %d",
+                 type(reply).__name__, link.cluster_id)
+        for src_tensor, place in zip(_layer_tensors(layer), reply.places):
+            placed = Plan([(src_tensor, place.tensor)], plan.src_offsets,
+                          plan.dst_offsets + place.offset, plan.lengths)
+            move(engine, link, place.cache_id, {place.tensor: place.region}, placed, local,
+                 pulling=False, deadline=deadline)
+
+
+def _layer_tensors(layer: int) -> List[int]:
+    return [TENSORS_PER_LAYER * layer + k for k in range(TENSORS_PER_LAYER)]
+
+
+def _address_plan(src: Geometry, blocks: BlockArgs, src_slot: int):
+    """The segments written from one source tensor to one raw destination address, and how
+    many bytes from that address they may touch.
+
+    The destination is described as the smallest cache it could be: one slot of the source
+    slot's size (C2C), or blocks up to the highest destination block index.
+    """
+    op = blocks.op
+    if op == "c2c":
+        dst = Geometry(1, 1, src.stride, False)
+        return plan_slot_to_slot(src, dst, src_slot, 0, src.stride, []), dst.tensor_bytes
+    if op == "c2b":
+        block = blocks.block_bytes
+        raise_if_false(0 < block < src.tensor_bytes, "dst_block_memory_size %d must be in "
+                       "(0, %d) for a contiguous source", block, src.tensor_bytes)
+    else:
+        block = src.stride
+        raise_if_false(src.is_blocks, "src_block_indices need a blocks source cache")
+        raise_if_false(blocks.block_bytes in (0, block), "dst_block_memory_size %d differs from "
+                       "the %d byte source blocks", blocks.block_bytes, block)
+    count = max(blocks.dst_blocks) + 1
+    dst = Geometry(1, count, count * block, True)
+    if op == "c2b":
+        return plan_slot_to_blocks(src, dst, src_slot, blocks.dst_blocks, []), dst.tensor_bytes
+    return plan_blocks_to_blocks(src, dst, blocks.src_blocks, blocks.dst_blocks, []), dst.tensor_bytes
