@@ -9,7 +9,8 @@ import pytest
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(90)]
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-EXAMPLES = ["pull_cache.py", "pull_blocks.py", "push_blocks.py", "switch_role.py"]
+EXAMPLES = ["pull_cache.py", "pull_blocks.py", "push_blocks.py", "transfer_cache_async.py",
+            "switch_role.py"]
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
