@@ -1,6 +1,14 @@
 """Run two example roles in two spawned processes joined by a pipe; exit 0 only if both did."""
 import multiprocessing
+import socket
 import sys
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (for a listen_ip_info)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def run_pair(first, second, *args, timeout_s: float = 60) -> None:

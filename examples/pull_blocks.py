@@ -8,7 +8,6 @@ On CPU the rank table's "device_ip" + "device_port" say where each rank listens.
 Run: python examples/pull_blocks.py   (prints one line; exit code 1 if a byte differs)
 """
 import json
-import socket
 import sys
 import time
 
@@ -16,7 +15,7 @@ import torch
 
 from llm_datadist_torch import (BlocksCacheKey, CacheDesc, DataType, LLMConfig, LLMDataDist,
                                 LLMRole, RegisterMemStatus)
-from _two_processes import run_pair
+from _two_processes import free_port, run_pair
 
 PROMPT_CLUSTER_ID, DECODER_CLUSTER_ID = 1, 2
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 4, 32, 16, 8, 64
@@ -86,11 +85,6 @@ def run_decoder(conn, rank_table):
           f"{SHAPE} over link(), {'all bytes match' if ok else 'MISMATCH'}")
     sys.exit(0 if ok else 1)
 
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main():

@@ -3,14 +3,13 @@ batch slot, the decoder links to it and pulls every request into its own cache.
 
 Run: python examples/pull_cache.py   (prints one line; exit code 1 if a byte differs)
 """
-import socket
 import sys
 
 import torch
 
 from llm_datadist_torch import (CacheDesc, CacheKey, DataType, LLMClusterInfo, LLMConfig,
                                 LLMDataDist, LLMRole, LLMStatusCode)
-from _two_processes import run_pair
+from _two_processes import free_port, run_pair
 
 PROMPT_CLUSTER_ID, DECODER_CLUSTER_ID = 1, 2
 NUM_LAYERS, BATCH, SEQ_LEN, HIDDEN = 4, 4, 128, 256
@@ -33,11 +32,6 @@ def request_kv(req_id, tensor_index, device):
     """What request `req_id` holds in cache tensor `tensor_index` (K0, V0, K1, V1, ...)."""
     return torch.full(SHAPE[1:], req_id * 100 + tensor_index, dtype=torch.float16, device=device)
 
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_prompt(conn):

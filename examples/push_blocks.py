@@ -3,14 +3,13 @@ its KV blocks straight into the decoder's cache over that link (remote-cache-acc
 
 Run: python examples/push_blocks.py   (prints one line; exit code 1 if a byte differs)
 """
-import socket
 import sys
 
 import torch
 
 from llm_datadist_torch import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig,
                                 LLMDataDist, LLMRole, LLMStatusCode)
-from _two_processes import run_pair
+from _two_processes import free_port, run_pair
 
 PROMPT_CLUSTER_ID, DECODER_CLUSTER_ID = 1, 2
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 2, 16, 16, 8, 64
@@ -29,11 +28,6 @@ def init_datadist(role, cluster_id, port):
     datadist.init(config.generate_options())
     return datadist
 
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def cluster_info(remote_cluster_id, remote_port=None):

@@ -4,24 +4,18 @@ blocks into A, one tensor per "layer" as in the upstream sample.
 
 Run: python examples/switch_role.py   (prints one line; exit code 1 if a byte differs)
 """
-import socket
 import sys
 
 import torch
 
 from llm_datadist_torch import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig,
                                 LLMDataDist, LLMRole, LLMStatusCode)
-from _two_processes import run_pair
+from _two_processes import free_port, run_pair
 
 A_CLUSTER_ID, B_CLUSTER_ID = 1, 2
 NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 8, 16, 8, 64
 SHAPE = [NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM]
 
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start(role, cluster_id, fill, listen_port=None):

@@ -7,7 +7,6 @@ full). The decoder hands its cache addresses over out of band (here: the pipe).
 
 Run: python examples/transfer_cache_async.py   (prints one line; exit code 1 if a byte differs)
 """
-import socket
 import sys
 import threading
 
@@ -15,7 +14,7 @@ import torch
 
 from llm_datadist_torch import (CacheDesc, DataType, LayerSynchronizer, LLMClusterInfo, LLMConfig,
                                 LLMDataDist, LLMRole, LLMStatusCode, TransferConfig)
-from _two_processes import run_pair
+from _two_processes import free_port, run_pair
 
 PROMPT_CLUSTER_ID, DECODER_CLUSTER_ID = 1, 2
 NUM_LAYERS, TOKENS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, NUM_BLOCKS = 4, 40, 16, 8, 64, 12
@@ -34,11 +33,6 @@ def init_datadist(role, cluster_id, listen_port=None):
     datadist.init(config.generate_options())
     return datadist
 
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def layer_kv(layer, kv):

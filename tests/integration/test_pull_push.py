@@ -18,22 +18,6 @@ from llm_datadist_torch import LLMStatusCode
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(90)]
 
 
-@pytest.fixture(scope="module")
-def pair(module_harness):
-    """Default mode (the owner serves key lookups and releases consumed keys)."""
-    pair = start_pair(module_harness)
-    yield pair
-    stop_pair(pair)
-
-
-@pytest.fixture(scope="module")
-def ra_pair(module_harness):
-    """Remote-cache-accessible mode on both sides (push_* allowed)."""
-    pair = start_pair(module_harness, {"remote_accessible": True}, {"remote_accessible": True})
-    yield pair
-    stop_pair(pair)
-
-
 def ckey(pair, req_id, model_id=0):
     return key("CacheKey", prompt_cluster_id=pair.pid, req_id=req_id, model_id=model_id)
 

@@ -20,22 +20,6 @@ C2B_SLOT = 320
 STAGED = {"LLM_DATADIST_TORCH_STAGE_TRANSFERS": "1"}
 
 
-@pytest.fixture(scope="module")
-def pair(module_harness):
-    """Raw-address mode: `TransferConfig` destinations."""
-    pair = start_pair(module_harness)
-    yield pair
-    stop_pair(pair)
-
-
-@pytest.fixture(scope="module")
-def ra_pair(module_harness):
-    """Remote-cache-accessible mode: `TransferWithCacheKeyConfig` destinations."""
-    pair = start_pair(module_harness, {"remote_accessible": True}, {"remote_accessible": True})
-    yield pair
-    stop_pair(pair)
-
-
 @pytest.fixture(scope="module", params=["direct", "staged"])
 def any_pair(request, module_harness):
     """Raw-address mode, bytes moved one-sidedly or through the decoder's staging area."""
