@@ -89,6 +89,22 @@ def by_id(owner_id, cache_id, slot):
     return key("CacheKeyByIdAndIndex", owner_id, cache_id, slot)
 
 
+def test_transfer_cache_async(pair):
+    """Layer by layer into decoder blocks over mooncake (C2B: the last block half full)."""
+    pair.p.call("allocate", "lw", 4, [1, 10, 16], seed=61)
+    pair.d.call("allocate", "lw_blocks", 4, B_SHAPE, seed=63, blocks=True, model_id=5)
+    config = ("key", key("BlocksCacheKey", pair.did, 5), (0, 2), (0, 2), 0)
+    out = pair.p.call("transfer_layers", "lw", [config], seed=62, dst_block_indices=[6, 1, 4],
+                      dst_block_memory_size=128)
+    assert (out["final"], out["results"], out["asked"]) == (0, [0], [0, 1]), out
+    src, dst = Model(62, 4, [1, 10, 16]), Model(63, 4, B_SHAPE)
+    for k in range(4):
+        flat = src.t[k].reshape(-1)
+        dst.t[k][6], dst.t[k][1] = flat[0:128], flat[128:256]
+        dst.t[k][4][:64] = flat[256:320]
+    dst.check(pair.d, "lw_blocks")
+
+
 def test_handshake_exchanges_endpoints(pair):
     p_end, d_end = pair.p.call("mooncake_endpoint"), pair.d.call("mooncake_endpoint")
     assert p_end.startswith(pair.pip + ":") and d_end.startswith(pair.dip + ":")
