@@ -67,8 +67,8 @@ def check_arguments(src_cache, layer_synchronizer, transfer_configs, src_block_i
     check_isinstance("src_cache", src_cache, Cache, allow_none=False)
     raise_if_false(src_cache.cache_desc.placement != Placement.HOST,
                    "transfer_cache_async does not send from HOST caches")
-    src_blocks = _index_list("src_block_indices", src_block_indices)
     dst_blocks = _index_list("dst_block_indices", dst_block_indices)
+    src_blocks = _index_list("src_block_indices", src_block_indices)
     if dst_block_memory_size is not None:
         check_uint64("dst_block_memory_size", dst_block_memory_size)
     if src_blocks:
