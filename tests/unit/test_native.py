@@ -294,6 +294,26 @@ def test_copy_segments_matches_reference(max_threads):
     assert torch.equal(dst, expected)
 
 
+@pytest.mark.parametrize("max_threads", [1, 2])
+def test_copy_segments_streaming_batch_matches_reference(max_threads):
+    """>= 32 MiB in total (kStreamMinBytes): non-temporal stores, whose unaligned heads, short
+    segments and odd tails must still land byte-exact."""
+    rng = random.Random(10 + max_threads)
+    size = 40 << 20
+    src = torch.randint(0, 256, (size,), dtype=torch.uint8)
+    dst = torch.randint(0, 256, (size,), dtype=torch.uint8)
+    lengths = [0, 1, 31, 32, 33, 127, 128, 129, 16 << 10, (33 << 20) + 77]
+    lengths += [rng.randrange(0, 300) for _ in range(200)]
+    lengths += [rng.randrange(0, 70_000) | 1 for _ in range(60)]
+    s_off, d_off, lengths = _random_segments(rng, size, size, lengths)
+    expected = dst.clone()
+    for s, d, n in zip(s_off, d_off, lengths):
+        expected[d:d + n] = src[s:s + n]
+    _C.copy_segments(_i64(s_off) + src.data_ptr(), _i64(d_off) + dst.data_ptr(), _i64(lengths),
+                     max_threads)
+    assert torch.equal(dst, expected)
+
+
 def test_copy_segments_single_huge_segment_is_split():
     src = torch.randint(0, 256, (9 << 20,), dtype=torch.uint8)
     dst = torch.zeros_like(src)
