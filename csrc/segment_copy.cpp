@@ -14,12 +14,6 @@ namespace llm_datadist_torch {
 
 namespace {
 
-// A position in the flattened byte stream of all segments.
-struct Cursor {
-  size_t seg;
-  int64_t offset;
-};
-
 struct Segments {
   const int64_t* src;
   const int64_t* dst;
@@ -78,9 +72,8 @@ void copy_range(const Segments& s, CopyFn copy, Cursor from, Cursor to) {
 #endif
 }
 
-// Cut points splitting `total` bytes into `parts` nearly equal shares; a segment larger than a
-// share is split between threads too.
-std::vector<Cursor> split(const Segments& s, int64_t total, int parts) {
+// Cut points splitting `total` bytes into `parts` nearly equal shares.
+std::vector<Cursor> split(const int64_t* lengths, size_t n, int64_t total, int parts) {
   std::vector<Cursor> cuts;
   cuts.reserve(parts + 1);
   cuts.push_back({0, 0});
@@ -88,39 +81,62 @@ std::vector<Cursor> split(const Segments& s, int64_t total, int parts) {
   int64_t seg_start = 0;  // bytes before segment `seg`
   for (int p = 1; p < parts; ++p) {
     const int64_t target = total / parts * p;
-    while (seg < s.n && seg_start + s.lengths[seg] <= target) seg_start += s.lengths[seg++];
+    while (seg < n && seg_start + lengths[seg] <= target) seg_start += lengths[seg++];
     cuts.push_back({seg, target - seg_start});
   }
-  cuts.push_back({s.n, 0});
+  cuts.push_back({n, 0});
   return cuts;
+}
+
+int64_t total_bytes(const int64_t* lengths, size_t n) {
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) total += lengths[i];
+  return total;
 }
 
 }  // namespace
 
-void copy_segments(const int64_t* src, const int64_t* dst, const int64_t* lengths, size_t n,
-                   int max_threads) {
-  const Segments s{src, dst, lengths, n};
-  int64_t total = 0;
-  for (size_t i = 0; i < n; ++i) total += lengths[i];
+void for_each_share(const int64_t* lengths, size_t n, int max_threads,
+                    const std::function<void(Cursor from, Cursor to)>& work) {
+  const int64_t total = total_bytes(lengths, n);
   const int parts = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>(max_threads, total / kMinBytesPerThread)));
-  const CopyFn copy = copy_fn_for(total);
   if (parts == 1) {
-    copy_range(s, copy, {0, 0}, {n, 0});
+    work({0, 0}, {n, 0});
     return;
   }
-  const std::vector<Cursor> cuts = split(s, total, parts);
+  const std::vector<Cursor> cuts = split(lengths, n, total, parts);
+  // A share that throws must not leave the others running on memory the caller may release.
+  std::vector<std::exception_ptr> errors(parts);
+  const auto run = [&](int p) {
+    try {
+      work(cuts[p], cuts[p + 1]);
+    } catch (...) {
+      errors[p] = std::current_exception();
+    }
+  };
   std::vector<std::thread> workers;
   workers.reserve(parts - 1);
   for (int p = 1; p < parts; ++p) {
     try {
-      workers.emplace_back(copy_range, std::cref(s), copy, cuts[p], cuts[p + 1]);
+      workers.emplace_back(run, p);
     } catch (const std::exception&) {
-      copy_range(s, copy, cuts[p], cuts[p + 1]);  // no thread available: do that share here
+      run(p);  // no thread available: do that share here
     }
   }
-  copy_range(s, copy, cuts[0], cuts[1]);  // the calling thread takes the first share
+  run(0);  // the calling thread takes the first share
   for (auto& w : workers) w.join();
+  for (const auto& error : errors) {
+    if (error) std::rethrow_exception(error);
+  }
+}
+
+void copy_segments(const int64_t* src, const int64_t* dst, const int64_t* lengths, size_t n,
+                   int max_threads) {
+  const Segments s{src, dst, lengths, n};
+  const CopyFn copy = copy_fn_for(total_bytes(lengths, n));
+  for_each_share(lengths, n, max_threads,
+                 [&](Cursor from, Cursor to) { copy_range(s, copy, from, to); });
 }
 
 }  // namespace llm_datadist_torch
