@@ -13,10 +13,8 @@ import logging
 import threading
 from typing import List, Optional, Set
 
-import torch
-
 from .. import _C
-from .._segments import COPY_THREADS, SORT_MIN_SEGMENTS
+from .._segments import COPY_THREADS, SORT_MIN_SEGMENTS, ascending
 from ..status import LLMStatusCode, fail
 from .base import MemoryRegion, Peer, Segments, TransferItem, Transport
 
@@ -72,8 +70,7 @@ class CmaTransport(Transport):
                                            [item.local.data_ptr() for item in items])
         lengths = segments.lengths
         if remote.numel() > SORT_MIN_SEGMENTS:  # ascending remote addresses read faster
-            order = torch.argsort(remote)
-            remote, local, lengths = remote[order], local[order], lengths[order]
+            remote, local, lengths = ascending(remote, local, lengths)
         call = _C.cma_write if to_remote else _C.cma_read
         try:
             call(self.peer.pid, local, remote, lengths, COPY_THREADS)
