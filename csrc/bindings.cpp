@@ -82,11 +82,17 @@ at::Tensor tensor_from_address(uint64_t addr, const std::vector<int64_t>& shape,
       .make_tensor();
 }
 
+void check_max_threads(int64_t max_threads) {
+  TORCH_CHECK_VALUE(max_threads >= 1 && max_threads <= 64, "max_threads must be in [1, 64], got ",
+                    max_threads);
+}
+
 void cma(int64_t pid, const at::Tensor& local, const at::Tensor& remote, const at::Tensor& lengths,
-         bool to_remote) {
+         bool to_remote, int64_t max_threads) {
+  check_max_threads(max_threads);
   const SegmentArgs s = segment_args(local, "local_addrs", remote, "remote_addrs", lengths);
   py::gil_scoped_release no_gil;
-  cma_transfer(pid, s.a, s.b, s.lengths, s.n, to_remote);
+  cma_transfer(pid, s.a, s.b, s.lengths, s.n, to_remote, static_cast<int>(max_threads));
 }
 
 }  // namespace
@@ -139,8 +145,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       "copy_segments",
       [](const at::Tensor& src, const at::Tensor& dst, const at::Tensor& lengths,
          int64_t max_threads) {
-        TORCH_CHECK_VALUE(max_threads >= 1 && max_threads <= 64,
-                          "max_threads must be in [1, 64], got ", max_threads);
+        check_max_threads(max_threads);
         const SegmentArgs s = segment_args(src, "src_addrs", dst, "dst_addrs", lengths);
         py::gil_scoped_release no_gil;
         copy_segments(s.a, s.b, s.lengths, s.n, static_cast<int>(max_threads));
@@ -148,13 +153,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       py::arg("src_addrs"), py::arg("dst_addrs"), py::arg("lengths"), py::arg("max_threads") = 2);
   m.def(
       "cma_read",
-      [](int64_t pid, const at::Tensor& local, const at::Tensor& remote,
-         const at::Tensor& lengths) { cma(pid, local, remote, lengths, false); },
-      py::arg("pid"), py::arg("local_addrs"), py::arg("remote_addrs"), py::arg("lengths"));
+      [](int64_t pid, const at::Tensor& local, const at::Tensor& remote, const at::Tensor& lengths,
+         int64_t max_threads) { cma(pid, local, remote, lengths, false, max_threads); },
+      py::arg("pid"), py::arg("local_addrs"), py::arg("remote_addrs"), py::arg("lengths"),
+      py::arg("max_threads") = 2);
   m.def(
       "cma_write",
-      [](int64_t pid, const at::Tensor& local, const at::Tensor& remote,
-         const at::Tensor& lengths) { cma(pid, local, remote, lengths, true); },
-      py::arg("pid"), py::arg("local_addrs"), py::arg("remote_addrs"), py::arg("lengths"));
+      [](int64_t pid, const at::Tensor& local, const at::Tensor& remote, const at::Tensor& lengths,
+         int64_t max_threads) { cma(pid, local, remote, lengths, true, max_threads); },
+      py::arg("pid"), py::arg("local_addrs"), py::arg("remote_addrs"), py::arg("lengths"),
+      py::arg("max_threads") = 2);
   m.def("allow_ptrace_from", &allow_ptrace_from, py::arg("pid"));
 }

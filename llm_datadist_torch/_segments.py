@@ -12,6 +12,7 @@ import dataclasses
 import os
 from typing import List, Sequence
 
+import numpy as np
 import torch
 
 from . import _C
@@ -83,9 +84,19 @@ def copy_addresses(src: torch.Tensor, dst: torch.Tensor, lengths: torch.Tensor,
     about a third more bandwidth here.
     """
     if not ordered and src.numel() > SORT_MIN_SEGMENTS:
-        order = torch.argsort(src)
-        src, dst, lengths = src[order], dst[order], lengths[order]
+        src, dst, lengths = ascending(src, dst, lengths)
     _C.copy_segments(src, dst, lengths, 1 if ordered else COPY_THREADS)
+
+
+def ascending(keys: torch.Tensor, *others: torch.Tensor) -> List[torch.Tensor]:
+    """`keys` and `others` (CPU tensors of its length) reordered so that `keys` ascends.
+
+    numpy, not torch: its sort is ~5x faster on 16k int64 here, and it stays on this thread,
+    where a parallel torch kernel would leave an OpenMP worker spinning on the second core that
+    the copy threads need next.
+    """
+    order = np.argsort(keys.numpy())
+    return [torch.from_numpy(t.numpy()[order]) for t in (keys, *others)]
 
 
 def _copy_with_torch(batch: SegmentBatch, ordered: bool) -> None:

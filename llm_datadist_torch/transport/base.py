@@ -20,6 +20,7 @@ import threading
 import time
 from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .. import _C
@@ -79,8 +80,11 @@ class Segments:
     def addresses(self, remote_bases: Sequence[int], local_bases: Sequence[int]
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Absolute (remote, local) addresses: per-item base + offset, vectorised."""
+        # numpy, not repeat_interleave: that is a parallel torch kernel, whose idle OpenMP worker
+        # then spins for milliseconds on the core the copy threads need (see _segments.ascending).
         def expand(bases):
-            return torch.tensor(bases, dtype=torch.int64).repeat_interleave(self.counts)
+            return torch.from_numpy(np.repeat(np.array(bases, dtype=np.int64),
+                                              self.counts.numpy()))
         return (expand(remote_bases) + self.remote_offsets,
                 expand(local_bases) + self.local_offsets)
 

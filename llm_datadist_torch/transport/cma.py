@@ -2,8 +2,9 @@
 
 Works for any CPU memory the owner registered, not only shm arenas, at the price of ptrace
 permission: same uid, and under Yama (`/proc/sys/kernel/yama/ptrace_scope` = 1) the owner must
-name the reader, which `grant_access` does. One native call moves all segments of a transfer;
-if it fails midway, earlier segments may already be copied.
+name the reader, which `grant_access` does. One native call moves all segments of a transfer,
+split over two threads when it pays like the shm copies; if it fails midway, other segments may
+already be copied.
 """
 from __future__ import annotations
 
@@ -12,10 +13,8 @@ import logging
 import threading
 from typing import List, Optional, Set
 
-import torch
-
 from .. import _C
-from .._segments import SORT_MIN_SEGMENTS
+from .._segments import COPY_THREADS, SORT_MIN_SEGMENTS, ascending
 from ..status import LLMStatusCode, fail
 from .base import MemoryRegion, Peer, Segments, TransferItem, Transport
 
@@ -71,11 +70,10 @@ class CmaTransport(Transport):
                                            [item.local.data_ptr() for item in items])
         lengths = segments.lengths
         if remote.numel() > SORT_MIN_SEGMENTS:  # ascending remote addresses read faster
-            order = torch.argsort(remote)
-            remote, local, lengths = remote[order], local[order], lengths[order]
+            remote, local, lengths = ascending(remote, local, lengths)
         call = _C.cma_write if to_remote else _C.cma_read
         try:
-            call(self.peer.pid, local, remote, lengths)
+            call(self.peer.pid, local, remote, lengths, COPY_THREADS)
         except OSError as exc:
             self._raise(exc, items, to_remote)
 

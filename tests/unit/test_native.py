@@ -294,6 +294,26 @@ def test_copy_segments_matches_reference(max_threads):
     assert torch.equal(dst, expected)
 
 
+@pytest.mark.parametrize("max_threads", [1, 2])
+def test_copy_segments_streaming_batch_matches_reference(max_threads):
+    """>= 32 MiB in total (kStreamMinBytes): non-temporal stores, whose unaligned heads, short
+    segments and odd tails must still land byte-exact."""
+    rng = random.Random(10 + max_threads)
+    size = 40 << 20
+    src = torch.randint(0, 256, (size,), dtype=torch.uint8)
+    dst = torch.randint(0, 256, (size,), dtype=torch.uint8)
+    lengths = [0, 1, 31, 32, 33, 127, 128, 129, 16 << 10, (33 << 20) + 77]
+    lengths += [rng.randrange(0, 300) for _ in range(200)]
+    lengths += [rng.randrange(0, 70_000) | 1 for _ in range(60)]
+    s_off, d_off, lengths = _random_segments(rng, size, size, lengths)
+    expected = dst.clone()
+    for s, d, n in zip(s_off, d_off, lengths):
+        expected[d:d + n] = src[s:s + n]
+    _C.copy_segments(_i64(s_off) + src.data_ptr(), _i64(d_off) + dst.data_ptr(), _i64(lengths),
+                     max_threads)
+    assert torch.equal(dst, expected)
+
+
 def test_copy_segments_single_huge_segment_is_split():
     src = torch.randint(0, 256, (9 << 20,), dtype=torch.uint8)
     dst = torch.zeros_like(src)
@@ -398,6 +418,44 @@ def test_cma_read_more_segments_than_iov_max(child):
     assert bytes(out.numpy()) == b"".join(pattern[r:r + 16] for r in remote)
 
 
+@pytest.mark.parametrize("max_threads", [1, 2])
+def test_cma_read_split_over_threads(child, max_threads):
+    """>= 8 MiB in total, so two threads each take a share, cut inside a segment."""
+    pid, addr, _ = child
+    rng = random.Random(20 + max_threads)
+    lengths = [CHILD_SIZE - 3, 0, 1, 129] + [rng.randrange(1, CHILD_SIZE) | 1 for _ in range(20)]
+    remote, local, lengths = _random_segments(rng, CHILD_SIZE, 16 << 20, lengths)
+    assert sum(lengths) >= 8 << 20
+    out = torch.zeros(16 << 20, dtype=torch.uint8)
+    _C.cma_read(pid, _i64(local) + out.data_ptr(), _i64(remote) + addr, _i64(lengths), max_threads)
+    pattern = torch.frombuffer(bytearray(_pattern(CHILD_SIZE)), dtype=torch.uint8)
+    expected = torch.zeros_like(out)
+    for r, l, n in zip(remote, local, lengths):
+        expected[l:l + n] = pattern[r:r + n]
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("bad_share", [0, 1])
+def test_cma_error_in_one_thread_is_raised_once_both_are_done(child, bad_share):
+    """The share on the calling thread (0) or on the extra thread (1) fails: the other share
+    still completes before the errno-carrying OSError comes out."""
+    pid, addr, _ = child
+    count = 10  # 10 MiB: two shares of five segments
+    lengths = [CHILD_SIZE] * count
+    remote = [addr] * count
+    bad = 0 if bad_share == 0 else count - 1
+    remote[bad] = 0x10
+    out = torch.zeros(count * CHILD_SIZE, dtype=torch.uint8)
+    with pytest.raises(OSError) as info:
+        _C.cma_read(pid, _i64(range(0, count * CHILD_SIZE, CHILD_SIZE)) + out.data_ptr(),
+                    _i64(remote), _i64(lengths), 2)
+    assert info.value.errno == errno.EFAULT and str(pid) in str(info.value)
+    good = out[CHILD_SIZE * (count // 2):] if bad_share == 0 else out[:CHILD_SIZE * (count // 2)]
+    assert torch.equal(good.view(-1, CHILD_SIZE)[0],
+                       torch.frombuffer(bytearray(_pattern(CHILD_SIZE)), dtype=torch.uint8))
+    assert torch.equal(good.view(-1, CHILD_SIZE), good.view(-1, CHILD_SIZE)[:1].expand(count // 2, -1))
+
+
 def test_cma_write_then_child_sees_it(child):
     pid, addr, dump = child
     before = dump()
@@ -467,6 +525,8 @@ def test_cma_argument_checks():
         _C.cma_read(os.getpid(), _i64([0]), _i64([]), _i64([0]))
     with pytest.raises(TypeError, match="int64"):
         _C.cma_write(os.getpid(), _i64([0]), _i64([0]), torch.tensor([1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="max_threads"):
+        _C.cma_read(os.getpid(), _i64([0]), _i64([0]), _i64([0]), 0)
 
 
 def test_allow_ptrace_from_does_not_raise():
