@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 from ._checks import check_isinstance, check_list_uint64, check_uint64
 from ._cache_table import CacheEntry
 from ._engine import Engine
-from ._remote_ops import move, transfer
+from ._remote_ops import link_for, move, transfer
 from ._serving import geometry_of
 from ._transfer_args import remote_ref
 from ._transfer_plan import (Geometry, Plan, plan_blocks_to_blocks, plan_slot_to_blocks,
@@ -175,11 +175,7 @@ class _LayerTask:
     def _send_by_key(self, engine: Engine, config: TransferWithCacheKeyConfig, local: CacheEntry,
                      layer: int) -> None:
         key = config.cache_key
-        raise_if_false(key.cluster_id != engine.cluster_id,
-                       "cannot transfer to this cluster's own cluster_id %d", key.cluster_id)
-        raise_if_false(local.remote_accessible, "cache %d is not registered for remote access",
-                       local.cache_id)
-        link = self._links.get(key.cluster_id)
+        link = link_for(engine, self._links, key.cluster_id, local, remote_accessible_mode=True)
         # The intended mapping (spec §26.14): the i-th source layer goes to the i-th destination one.
         dst_layer = config.dst_layer_range.start + (layer - config.src_layer_range.start)
         blocks = self._blocks
@@ -194,9 +190,8 @@ class _LayerTask:
 
     def _send_to_addresses(self, engine: Engine, config: TransferConfig, local: CacheEntry,
                            layer: int) -> None:
-        raise_if_false(config.dst_cluster_id != engine.cluster_id,
-                       "cannot transfer to this cluster's own cluster_id %d", config.dst_cluster_id)
-        link = self._links.get(config.dst_cluster_id)
+        link = link_for(engine, self._links, config.dst_cluster_id, local,
+                        remote_accessible_mode=False)
         deadline = time.monotonic() + engine.options.sync_kv_timeout_ms / 1000.0
         plan, extent = _address_plan(geometry_of(local), self._blocks, config.src_batch_index)
         first = TENSORS_PER_LAYER * (layer - config.src_layer_range.start)

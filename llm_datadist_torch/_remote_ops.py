@@ -45,6 +45,17 @@ class RemoteRef:
         return (self.kind, self.model_id if self.kind == "blocks" else self.cache_id)
 
 
+def link_for(engine: Engine, links, cluster_id: int, local: CacheEntry,
+             remote_accessible_mode: bool) -> Link:
+    """The link over which `local` is moved to or from `cluster_id` (`LLM_NOT_YET_LINK` if none)."""
+    raise_if_false(cluster_id != engine.cluster_id,
+                   "cannot transfer with this cluster's own cluster_id %d", cluster_id)
+    if remote_accessible_mode:
+        raise_if_false(local.remote_accessible, "cache %d is not registered for remote access",
+                       local.cache_id)
+    return links.get(cluster_id)
+
+
 def _resolve(engine: Engine, link: Link, ref: RemoteRef, request, local: CacheEntry,
              deadline: float) -> Tuple[Resolved, int]:
     """The owner's answer and the remote slot: kept from an earlier request, or asked for now.

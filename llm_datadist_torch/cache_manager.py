@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Union
 import torch
 
 from . import _layer_transfer, _local_ops, _transfer_args
-from ._remote_ops import transfer
+from ._remote_ops import link_for, transfer
 from ._cache_table import CacheEntry
 from ._checks import check_int64, check_isinstance, check_uint32, check_uint64
 from ._engine import Engine
@@ -266,12 +266,7 @@ class CacheManager:
         return self._engine.options.remote_accessible
 
     def _remote(self, engine: Engine, key, local: CacheEntry):
-        raise_if_false(key.cluster_id != engine.cluster_id,
-                       "cannot transfer with this cluster's own cluster_id %d", key.cluster_id)
-        if self._remote_accessible_mode:
-            raise_if_false(local.remote_accessible, "cache %d is not registered for remote access",
-                           local.cache_id)
-        return self._links.get(key.cluster_id)
+        return link_for(engine, self._links, key.cluster_id, local, self._remote_accessible_mode)
 
     def pull_cache(self, cache_key: Union[CacheKey, CacheKeyByIdAndIndex], cache: Cache,
                    batch_index: int = 0, size: int = -1, **kwargs) -> None:
