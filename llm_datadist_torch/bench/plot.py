@@ -13,8 +13,8 @@ from .report import human_bytes
 INSTALL = 'pip install matplotlib, or pip install -e ".[bench]"'
 # Fixed colours, so a transport keeps its colour from one report to the next.
 COLOURS = {"local": "tab:blue", "shm": "tab:green", "cma": "tab:orange", "mooncake": "tab:red",
-           "nixl-ucx": "tab:purple", "mooncake-te-tcp": "tab:brown"}
-OTHER_COLOURS = ["tab:pink", "tab:olive", "tab:cyan", "tab:gray"]
+           "staged": "tab:olive", "nixl-ucx": "tab:purple", "mooncake-te-tcp": "tab:brown"}
+OTHER_COLOURS = ["tab:pink", "tab:cyan", "tab:gray"]
 STYLES = ["-", "--", ":", "-."]  # per op, in order of appearance
 
 

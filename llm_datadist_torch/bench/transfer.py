@@ -7,11 +7,14 @@ it, one `pull_blocks` call for the whole set of blocks, one `pull_cache` call pe
 and reports GB/s next to `memcpy` (one `copy_` of the same bytes between pre-touched buffers)
 measured in the same run. Plus the latency of a 1-block 16 KiB pull and `link_clusters` time.
 With Mooncake installed, the same over `mooncake` (TCP on loopback; both sides force
-`transfer_backend="mooncake"`, so both listen), labelled "mooncake" (pool caches).
+`transfer_backend="mooncake"`, so both listen), labelled "mooncake" (pool caches). And the
+pool caches once more through the staging path of device memory, on CPU (labelled "staged").
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
 import socket
 import statistics
 import time
@@ -178,57 +181,51 @@ def _link(decoder: LLMDataDist, port: int) -> float:
     return elapsed
 
 
-def _cross_process(total_bytes: int, repeats: int) -> list:
+# What each cross-process run measures: (transport label, pool caches, registered caches).
+_RUNS = {"": (("shm", True), ("cma", False)), "mooncake": (("mooncake", True),),
+         "staged": (("staged", True),)}
+
+
+def _cross_process(total_bytes: int, repeats: int, run: str = "") -> list:
+    """The prompt in a spawned process, the decoder here.
+
+    `run="mooncake"`: both sides force `transfer_backend="mooncake"` (no rows without the
+    package). `run="staged"`: the decoder moves every byte through the prompt's host staging
+    area and its own bounce buffer, the path device memory of another process takes
+    (`LLM_DATADIST_TORCH_STAGE_TRANSFERS=1`, read when the link is made).
+    """
+    if run == "mooncake":
+        try:
+            import mooncake.engine  # noqa: F401
+        except ImportError:
+            return []
+    backend = "mooncake" if run == "mooncake" else ""
     port = _free_port()
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
-    prompt = context.Process(target=_prompt_process, args=(child, port, total_bytes), daemon=True)
-    prompt.start()
-    decoder = LLMDataDist(LLMRole.DECODER, DECODER_ID)
-    decoder.init(_options(total_bytes * 2 + (64 << 20)))
-    try:
-        if not parent.poll(120):
-            raise RuntimeError("the prompt process did not start")
-        layouts = parent.recv()
-        link_s = _link(decoder, port)
-        rows = _measure(decoder, layouts, lambda i, layout: (
-            ("shm", i, layout["shm_slots"]), ("cma", 100 + i, layout["cma_slots"])), total_bytes, repeats)
-        rows += [_latency_rows(decoder, 0, "shm"), _latency_rows(decoder, 100, "cma")]
-        rows.append({"suite": "transfer", "transport": "zmq", "op": "link_clusters",
-                     "ms": round(link_s * 1e3, 2)})
-        return rows
-    finally:
-        parent.send("done")
-        prompt.join(30)
-        if prompt.is_alive():
-            prompt.kill()
-        decoder.finalize()
-
-
-def _mooncake_process(total_bytes: int, repeats: int) -> list:
-    """`_cross_process` over mooncake; no rows when Mooncake is not installed."""
-    try:
-        import mooncake.engine  # noqa: F401
-    except ImportError:
-        return []
-    port = _free_port()
-    context = multiprocessing.get_context("spawn")
-    parent, child = context.Pipe()
-    prompt = context.Process(target=_prompt_process, args=(child, port, total_bytes, "mooncake"),
+    prompt = context.Process(target=_prompt_process, args=(child, port, total_bytes, backend),
                              daemon=True)
     prompt.start()
     decoder = LLMDataDist(LLMRole.DECODER, DECODER_ID)
-    decoder.init(_options(total_bytes * 2 + (64 << 20), f"127.0.0.1:{_free_port()}", "mooncake"))
+    decoder.init(_options(total_bytes * 2 + (64 << 20),
+                          f"127.0.0.1:{_free_port()}" if backend else "", backend))
     try:
         if not parent.poll(120):
             raise RuntimeError("the prompt process did not start")
         layouts = parent.recv()
-        link_s = _link(decoder, port)
-        rows = _measure(decoder, layouts, lambda i, layout: (("mooncake", i, layout["shm_slots"]),),
-                        total_bytes, repeats)
-        rows.append(_latency_rows(decoder, 0, "mooncake", calls=300))
-        rows.append({"suite": "transfer", "transport": "mooncake", "op": "link_clusters",
-                     "ms": round(link_s * 1e3, 2)})
+        with _staging_forced(run == "staged"):
+            link_s = _link(decoder, port)
+        labels = _RUNS[run]
+
+        def transports(i, layout):
+            return [(label, i if pooled else 100 + i,
+                     layout["shm_slots" if pooled else "cma_slots"]) for label, pooled in labels]
+        rows = _measure(decoder, layouts, transports, total_bytes, repeats)
+        rows += [_latency_rows(decoder, 0 if pooled else 100, label, calls=300 if backend else 1000)
+                 for label, pooled in labels]
+        if run != "staged":
+            rows.append({"suite": "transfer", "transport": backend or "zmq", "op": "link_clusters",
+                         "ms": round(link_s * 1e3, 2)})
         return rows
     finally:
         parent.send("done")
@@ -236,6 +233,22 @@ def _mooncake_process(total_bytes: int, repeats: int) -> list:
         if prompt.is_alive():
             prompt.kill()
         decoder.finalize()
+
+
+@contextlib.contextmanager
+def _staging_forced(forced: bool):
+    name = "LLM_DATADIST_TORCH_STAGE_TRANSFERS"
+    saved = os.environ.get(name)
+    if forced:
+        os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if forced:
+            if saved is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = saved
 
 
 def _in_process(total_bytes: int, repeats: int) -> list:
@@ -259,4 +272,5 @@ def _in_process(total_bytes: int, repeats: int) -> list:
 def run(args) -> list:
     total_bytes = args.total_mib << 20
     return (_cross_process(total_bytes, args.repeats) + _in_process(total_bytes, args.repeats)
-            + _mooncake_process(total_bytes, args.repeats))
+            + _cross_process(total_bytes, args.repeats, "mooncake")
+            + _cross_process(total_bytes, args.repeats, "staged"))

@@ -1,4 +1,5 @@
-"""Smoke test of `python -m llm_datadist_torch.bench --suite local`: output shape, no speeds."""
+"""Smoke tests of `python -m llm_datadist_torch.bench`: output shape, no speeds."""
+import importlib
 import json
 import os
 import subprocess
@@ -14,15 +15,20 @@ REQUIRED = ("suite", "op", "block_bytes", "blocks", "total_bytes", "gbps", "memc
 OPS = {"copy_blocks", "swap_blocks_d2h", "swap_blocks_h2d"}
 
 
-def test_local_suite_json_lines():
+def bench_rows(suite: str) -> list:
+    """The JSON rows of a small run of `suite` (every byte moved is still checked)."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]))
     done = subprocess.run(
-        [sys.executable, "-m", "llm_datadist_torch.bench", "--suite", "local", "--json",
+        [sys.executable, "-m", "llm_datadist_torch.bench", "--suite", suite, "--json",
          "--total-mib", "4", "--repeats", "1"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr
-    rows = [json.loads(line) for line in done.stdout.splitlines()]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_local_suite_json_lines():
+    rows = bench_rows("local")
     for row in rows:
         assert all(key in row for key in REQUIRED), row
         assert row["suite"] == "local"
@@ -38,3 +44,22 @@ def test_wrong_bytes_fail_the_run(monkeypatch, capsys):
     code = bench_main.main(["--suite", "local", "--json", "--total-mib", "4", "--repeats", "1"])
     assert code == 1
     assert "wrong data" in capsys.readouterr().err
+
+
+def test_transfer_suite_json_lines():
+    rows = bench_rows("transfer")
+    rated = [row for row in rows if "gbps" in row]
+    for row in rated:
+        assert all(key in row for key in ("transport", "op", "block_bytes", "gbps", "memcpy_gbps")), row
+        assert row["gbps"] > 0 and row["memcpy_gbps"] > 0, row
+    transports = {"shm", "cma", "local", "staged"}
+    try:  # the bench's own test: the package imports and loads its libraries
+        importlib.import_module("mooncake.engine")
+        transports.add("mooncake")
+    except ImportError:
+        pass
+    assert {row["transport"] for row in rated} == transports
+    assert {(row["transport"], row["op"]) for row in rows if "p50_us" in row} == {
+        (transport, "pull_blocks_1x16KiB_latency") for transport in transports}
+    assert {row["transport"] for row in rows if row["op"] == "link_clusters"} == (
+        {"zmq", "mooncake"} & (transports | {"zmq"}))
