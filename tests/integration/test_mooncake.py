@@ -174,33 +174,28 @@ def test_push_blocks(pair):
     assert pair.p.call("transports_used", pair.did) == ["mooncake"]
 
 
-def test_many_blocks_byte_exact(pair):
-    """8 MiB in 64 blocks, reversed (one Mooncake batch; runs of blocks are not adjacent)."""
-    pair.p.call("allocate", "lb", 4, L_SHAPE, seed=41, blocks=True, model_id=2)
-    pair.d.call("allocate", "lb", 4, L_SHAPE, seed=42, blocks=True)
-    src, dst = Model(41, 4, L_SHAPE), Model(42, 4, L_SHAPE)
-    order = list(range(64))
-    pair.d.call("pull_blocks", key("BlocksCacheKey", pair.pid, 2), "lb", order, order[::-1])
+def pull_all_blocks_reversed(pair, name, shape, model_id, seed):
+    """The decoder pulls every block of a fresh prompt blocks cache in reverse order."""
+    pair.p.call("allocate", name, 4, shape, seed=seed, blocks=True, model_id=model_id)
+    pair.d.call("allocate", name, 4, shape, seed=seed + 1, blocks=True)
+    src, dst = Model(seed, 4, shape), Model(seed + 1, 4, shape)
+    order = list(range(shape[0]))
+    pair.d.call("pull_blocks", key("BlocksCacheKey", pair.pid, model_id), name, order, order[::-1])
     for i in range(4):
         dst.t[i] = src.t[i].flip(0)
-    dst.check(pair.d, "lb")
-    pair.d.call("deallocate", "lb")
-    pair.p.call("deallocate", "lb")
+    dst.check(pair.d, name)
+    pair.d.call("deallocate", name)
+    pair.p.call("deallocate", name)
+
+
+def test_many_blocks_byte_exact(pair):
+    """8 MiB in 64 blocks, reversed (one Mooncake batch; runs of blocks are not adjacent)."""
+    pull_all_blocks_reversed(pair, "lb", L_SHAPE, model_id=2, seed=41)
 
 
 def test_more_segments_than_one_mooncake_batch(pair):
     """3000 single 128-byte blocks per tensor, reversed: 12000 segments, several batches."""
-    shape = [3000, 64]
-    pair.p.call("allocate", "many", 4, shape, seed=45, blocks=True, model_id=5)
-    pair.d.call("allocate", "many", 4, shape, seed=46, blocks=True)
-    src, dst = Model(45, 4, shape), Model(46, 4, shape)
-    order = list(range(3000))
-    pair.d.call("pull_blocks", key("BlocksCacheKey", pair.pid, 5), "many", order, order[::-1])
-    for i in range(4):
-        dst.t[i] = src.t[i].flip(0)
-    dst.check(pair.d, "many")
-    pair.d.call("deallocate", "many")
-    pair.p.call("deallocate", "many")
+    pull_all_blocks_reversed(pair, "many", [3000, 64], model_id=5, seed=45)
 
 
 def test_pull_from_freed_cache_fails_cleanly(pair):

@@ -60,6 +60,14 @@ def owner_main(conn, port):
     conn.send("bye")
 
 
+def link_to_owner(datadist, port):
+    cluster = LLMClusterInfo()
+    cluster.remote_cluster_id = OWNER
+    cluster.append_local_ip_info("127.0.0.1", 0)
+    cluster.append_remote_ip_info("127.0.0.1", port)
+    assert datadist.link_clusters([cluster], 5000)[0] == LLMStatusCode.LLM_SUCCESS
+
+
 @pytest.fixture
 def owner():
     with socket.socket() as sock:
@@ -87,11 +95,7 @@ def test_pulls_and_pushes_go_through_the_staging_area(owner, monkeypatch):
     datadist = LLMDataDist(LLMRole.DECODER, REQUESTER)
     datadist.init(options())
     try:
-        cluster = LLMClusterInfo()
-        cluster.remote_cluster_id = OWNER
-        cluster.append_local_ip_info("127.0.0.1", 0)
-        cluster.append_remote_ip_info("127.0.0.1", port)
-        assert datadist.link_clusters([cluster], 5000)[0] == LLMStatusCode.LLM_SUCCESS
+        link_to_owner(datadist, port)
         manager = datadist.cache_manager
         local = manager.allocate_blocks_cache(CacheDesc(4, BLOCKS, DataType.DT_FLOAT, Placement.DEVICE))
         for tensor in local.tensors:
@@ -134,11 +138,7 @@ def test_push_through_the_staging_area(owner, monkeypatch):
     config.mem_pool_cfg = '{"memory_size": 33554432}'
     datadist.init(config.generate_options())
     try:
-        cluster = LLMClusterInfo()
-        cluster.remote_cluster_id = OWNER
-        cluster.append_local_ip_info("127.0.0.1", 0)
-        cluster.append_remote_ip_info("127.0.0.1", port)
-        assert datadist.link_clusters([cluster], 5000)[0] == LLMStatusCode.LLM_SUCCESS
+        link_to_owner(datadist, port)
         manager = datadist.cache_manager
         source = manager.allocate_blocks_cache(CacheDesc(4, BLOCKS, DataType.DT_FLOAT, Placement.DEVICE))
         for index, tensor in enumerate(source.tensors):

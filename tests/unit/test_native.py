@@ -277,6 +277,16 @@ def _random_segments(rng, src_size, dst_size, lengths):
     return [src[i] for i in order], [dst[i] for i in order], [lengths[i] for i in order]
 
 
+def _check_copy_against_reference(src, dst, s_off, d_off, lengths, max_threads):
+    """One native copy_segments call gives what slice assignments in order give."""
+    expected = dst.clone()
+    for s, d, n in zip(s_off, d_off, lengths):
+        expected[d:d + n] = src[s:s + n]
+    _C.copy_segments(_i64(s_off) + src.data_ptr(), _i64(d_off) + dst.data_ptr(), _i64(lengths),
+                     max_threads)
+    assert torch.equal(dst, expected)
+
+
 @pytest.mark.parametrize("max_threads", [1, 2, 3])
 def test_copy_segments_matches_reference(max_threads):
     rng = random.Random(max_threads)
@@ -285,13 +295,8 @@ def test_copy_segments_matches_reference(max_threads):
     dst = torch.randint(0, 256, (size,), dtype=torch.uint8)
     # > 12 MiB in total, so up to 3 threads take a share (each needs 4 MiB)
     lengths = [0, 1, 7, 0, 4096, 11 << 20, 100_000] + [rng.randrange(0, 70_000) for _ in range(40)]
-    s_off, d_off, lengths = _random_segments(rng, size, size, lengths)
-    expected = dst.clone()
-    for s, d, n in zip(s_off, d_off, lengths):
-        expected[d:d + n] = src[s:s + n]
-    _C.copy_segments(_i64(s_off) + src.data_ptr(), _i64(d_off) + dst.data_ptr(), _i64(lengths),
-                     max_threads)
-    assert torch.equal(dst, expected)
+    _check_copy_against_reference(src, dst, *_random_segments(rng, size, size, lengths),
+                                  max_threads)
 
 
 @pytest.mark.parametrize("max_threads", [1, 2])
@@ -305,13 +310,8 @@ def test_copy_segments_streaming_batch_matches_reference(max_threads):
     lengths = [0, 1, 31, 32, 33, 127, 128, 129, 16 << 10, (33 << 20) + 77]
     lengths += [rng.randrange(0, 300) for _ in range(200)]
     lengths += [rng.randrange(0, 70_000) | 1 for _ in range(60)]
-    s_off, d_off, lengths = _random_segments(rng, size, size, lengths)
-    expected = dst.clone()
-    for s, d, n in zip(s_off, d_off, lengths):
-        expected[d:d + n] = src[s:s + n]
-    _C.copy_segments(_i64(s_off) + src.data_ptr(), _i64(d_off) + dst.data_ptr(), _i64(lengths),
-                     max_threads)
-    assert torch.equal(dst, expected)
+    _check_copy_against_reference(src, dst, *_random_segments(rng, size, size, lengths),
+                                  max_threads)
 
 
 def test_copy_segments_single_huge_segment_is_split():
