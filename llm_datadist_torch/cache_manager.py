@@ -12,11 +12,11 @@ from typing import Dict, List, Optional, Union
 
 import torch
 
-from . import _layer_transfer, _local_ops, _transfer_args
-from ._remote_ops import link_for, transfer
-from ._cache_table import CacheEntry
+from .ops import layer_transfer, local_ops, transfer_args
+from .ops.remote_ops import link_for, transfer
+from .core.cache_table import CacheEntry
 from ._checks import check_int64, check_isinstance, check_uint32, check_uint64
-from ._engine import Engine
+from .core.engine import Engine
 from .cache import Cache
 from .cache_desc import CacheDesc
 from .enums import Memtype, Placement
@@ -203,7 +203,7 @@ class CacheManager:
             check_uint64("req_id", req_id)
         with self._engine.operation(self.finalized_code) as engine:
             dst_entry, src_entry = self._entry(dst), self._entry(src)
-            _local_ops.copy_cache(engine, dst_entry, src_entry, dst_batch_index, src_batch_index,
+            local_ops.copy_cache(engine, dst_entry, src_entry, dst_batch_index, src_batch_index,
                                   offset, size)
 
     def copy_blocks(self, cache: Cache, copy_block_info: Dict[int, List[int]]) -> None:
@@ -222,7 +222,7 @@ class CacheManager:
             if src < 0 or dst < 0:
                 _negative("copy_block_info", min(src, dst))
         with self._engine.operation(self.finalized_code) as engine:
-            _local_ops.copy_blocks(engine, self._entry(cache), pairs)
+            local_ops.copy_blocks(engine, self._entry(cache), pairs)
 
     def swap_blocks(self, src_cache: Cache, dst_cache: Cache, src_to_dst: Dict[int, int]) -> None:
         check_isinstance("src_cache", src_cache, Cache)
@@ -247,16 +247,16 @@ class CacheManager:
             src, dst = list(src_to_dst.items())[in_range.index(False)]
             fail(PARAM, "swap_blocks: pair %d -> %d out of range (%d / %d blocks)", src, dst,
                  src_desc.batch_size, dst_desc.batch_size)
-        raise_if_false(_local_ops.swap_direction_ok(src_desc.placement, dst_desc.placement),
+        raise_if_false(local_ops.swap_direction_ok(src_desc.placement, dst_desc.placement),
                        "swap_blocks copies HOST -> DEVICE or DEVICE -> HOST, not %s -> %s",
                        src_desc.placement, dst_desc.placement)
         with self._engine.operation(self.finalized_code) as engine:
-            _local_ops.swap_blocks(engine, self._swap_side(src_cache), self._swap_side(dst_cache),
+            local_ops.swap_blocks(engine, self._swap_side(src_cache), self._swap_side(dst_cache),
                                    block_bytes, list(src_to_dst.items()))
 
     def _swap_side(self, cache: Cache):
         if cache.cache_id == -1:  # a create_cpu_cache endpoint: caller-owned host memory
-            return _local_ops.raw_from_addresses(cache.tensor_addrs, cache.cache_desc.size), []
+            return local_ops.raw_from_addresses(cache.tensor_addrs, cache.cache_desc.size), []
         entry = self._entry(cache)
         return entry.raw, [entry]
 
@@ -278,15 +278,15 @@ class CacheManager:
         check_int64("size", size)
         raise_if_false(not cache.is_blocks_cache, "pull_cache needs a contiguous local cache")
         raise_if_false(size == -1 or size > 0, "size must be -1 or > 0, got %d", size)
-        src_tensors, dst_tensors = _transfer_args.pull_tensor_indices(kwargs, cache.cache_desc.num_tensors)
+        src_tensors, dst_tensors = transfer_args.pull_tensor_indices(kwargs, cache.cache_desc.num_tensors)
         if isinstance(cache_key, CacheKey):
-            _transfer_args.check_request_key(cache_key)
+            transfer_args.check_request_key(cache_key)
         with self._engine.operation(self.finalized_code) as engine:
             local = self._entry(cache)
             link = self._remote(engine, cache_key, local)
             raise_if_false(batch_index < local.slots, "batch_index %d >= batch size %d", batch_index, local.slots)
             raise_if_false(size == -1 or size <= local.stride, "size %d > slot size %d", size, local.stride)
-            transfer(engine, link, _transfer_args.remote_ref(cache_key), local, "pull", "c2c",
+            transfer(engine, link, transfer_args.remote_ref(cache_key), local, "pull", "c2c",
                      local_slot=batch_index, nbytes=local.stride if size == -1 else size,
                      src_tensors=src_tensors, dst_tensors=dst_tensors,
                      release_keys=not self._remote_accessible_mode)
@@ -295,23 +295,23 @@ class CacheManager:
         """Pull remote blocks (B2B) or a remote slot cut into blocks (C2B) into a blocks cache."""
         check_isinstance("src_cache_key", src_cache_key, (CacheKey, CacheKeyByIdAndIndex, BlocksCacheKey))
         check_isinstance("dst_cache", dst_cache, Cache)
-        src_blocks = _transfer_args.block_list("src_blocks", src_blocks)
-        dst_blocks = _transfer_args.block_list("dst_blocks", dst_blocks)
+        src_blocks = transfer_args.block_list("src_blocks", src_blocks)
+        dst_blocks = transfer_args.block_list("dst_blocks", dst_blocks)
         raise_if_false(dst_cache.is_blocks_cache, "pull_blocks needs a blocks local cache")
         raise_if_false(len(dst_blocks) > 0, "dst_blocks must not be empty")
-        src_tensors, dst_tensors = _transfer_args.pull_tensor_indices(kwargs, dst_cache.cache_desc.num_tensors)
+        src_tensors, dst_tensors = transfer_args.pull_tensor_indices(kwargs, dst_cache.cache_desc.num_tensors)
         blocks_key = isinstance(src_cache_key, BlocksCacheKey)
         if blocks_key:
             raise_if_false(len(src_blocks) > 0, "src_blocks must not be empty with a BlocksCacheKey")
             self._blocks_model_id(src_cache_key)
         else:
             if isinstance(src_cache_key, CacheKey):
-                _transfer_args.check_request_key(src_cache_key)
+                transfer_args.check_request_key(src_cache_key)
             raise_if_false(len(src_blocks) == 0, "src_blocks must be empty when pulling a batch slot")
         with self._engine.operation(self.finalized_code) as engine:
             local = self._entry(dst_cache)
             link = self._remote(engine, src_cache_key, local)
-            transfer(engine, link, _transfer_args.remote_ref(src_cache_key), local, "pull",
+            transfer(engine, link, transfer_args.remote_ref(src_cache_key), local, "pull",
                      "b2b" if blocks_key else "c2b", src_blocks=src_blocks, dst_blocks=dst_blocks,
                      src_tensors=src_tensors, dst_tensors=dst_tensors,
                      release_keys=not self._remote_accessible_mode)
@@ -325,7 +325,7 @@ class CacheManager:
         check_isinstance("src_cache", src_cache, Cache, allow_none=False)
         check_uint32("src_batch_index", src_batch_index)
         raise_if_false(not src_cache.is_blocks_cache, "push_cache needs a contiguous local cache")
-        src_tensors, dst_tensors = _transfer_args.push_tensor_indices(
+        src_tensors, dst_tensors = transfer_args.push_tensor_indices(
             src_layer_range, dst_layer_range, tensor_num_per_layer, src_cache.cache_desc.num_tensors)
         check_int64("size", size)
         raise_if_false(size == -1, "push_cache only supports size=-1")
@@ -334,7 +334,7 @@ class CacheManager:
             link = self._remote(engine, dst_cache_key, local)
             raise_if_false(src_batch_index < local.slots, "src_batch_index %d >= batch size %d",
                            src_batch_index, local.slots)
-            transfer(engine, link, _transfer_args.remote_ref(dst_cache_key), local, "push", "c2c",
+            transfer(engine, link, transfer_args.remote_ref(dst_cache_key), local, "push", "c2c",
                      local_slot=src_batch_index, nbytes=local.stride, src_tensors=src_tensors,
                      dst_tensors=dst_tensors)
 
@@ -345,17 +345,17 @@ class CacheManager:
         raise_if_false(self._remote_accessible_mode, "push_blocks needs enable_remote_cache_accessible")
         check_isinstance("dst_cache_key", dst_cache_key, BlocksCacheKey)
         check_isinstance("src_cache", src_cache, Cache)
-        src_blocks = _transfer_args.block_list("src_blocks", src_blocks)
-        dst_blocks = _transfer_args.block_list("dst_blocks", dst_blocks)
+        src_blocks = transfer_args.block_list("src_blocks", src_blocks)
+        dst_blocks = transfer_args.block_list("dst_blocks", dst_blocks)
         raise_if_false(src_cache.is_blocks_cache, "push_blocks needs a blocks local cache")
         raise_if_false(len(dst_blocks) > 0, "dst_blocks must not be empty")
-        src_tensors, dst_tensors = _transfer_args.push_tensor_indices(
+        src_tensors, dst_tensors = transfer_args.push_tensor_indices(
             src_layer_range, dst_layer_range, tensor_num_per_layer, src_cache.cache_desc.num_tensors)
         self._blocks_model_id(dst_cache_key)
         with self._engine.operation(self.finalized_code) as engine:
             local = self._entry(src_cache)
             link = self._remote(engine, dst_cache_key, local)
-            transfer(engine, link, _transfer_args.remote_ref(dst_cache_key), local, "push", "b2b",
+            transfer(engine, link, transfer_args.remote_ref(dst_cache_key), local, "push", "b2b",
                      src_blocks=src_blocks, dst_blocks=dst_blocks, src_tensors=src_tensors,
                      dst_tensors=dst_tensors)
 
@@ -365,10 +365,10 @@ class CacheManager:
         """Push `src_cache` layer by layer, each layer once `layer_synchronizer` says it is
         computed, to destinations by raw address (`TransferConfig`) or, in
         remote-cache-accessible mode, by key (`TransferWithCacheKeyConfig`). Returns at once."""
-        blocks = _layer_transfer.check_arguments(
+        blocks = layer_transfer.check_arguments(
             src_cache, layer_synchronizer, transfer_configs, src_block_indices, dst_block_indices,
             dst_block_memory_size, self._remote_accessible_mode)
-        return _layer_transfer.start(self._engine, self._links, src_cache, layer_synchronizer,
+        return layer_transfer.start(self._engine, self._links, src_cache, layer_synchronizer,
                                      transfer_configs, blocks)
 
     # ---- fault handling --------------------------------------------------------------------

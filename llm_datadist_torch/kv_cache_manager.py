@@ -10,7 +10,7 @@ from typing import Dict, List
 import torch
 
 from ._checks import check_isinstance
-from ._engine import Engine
+from .core.engine import Engine
 from .cache import Cache, KvCache
 from .cache_desc import CacheDesc
 from .cache_manager import CacheManager, check_tensor_index, wait_and_view

@@ -14,10 +14,10 @@ import weakref
 from typing import Dict, List, Optional, Tuple
 
 from ._checks import check_int32, check_isinstance, check_uint32, check_uint64
-from ._comm_domains import CommDomains
-from ._engine import Engine
-from ._links import LinkManager
-from ._options import parse_listen, parse_options
+from .control.domains import CommDomains
+from .core.engine import Engine
+from .control.links import LinkManager
+from .core.options import parse_listen, parse_options
 from .cache_manager import CacheManager
 from .configs import LLMClusterInfo
 from .enums import LLMRole, RegisterMemStatus, role_to_engine_string
@@ -66,7 +66,7 @@ class LLMDataDist:
             options = parse_options(role_to_engine_string(self._role), options)
             engine = Engine(self._cluster_id, options)
             try:
-                links = LinkManager(engine, options.role)
+                links = LinkManager(engine)
             except BaseException:
                 engine.close()
                 raise

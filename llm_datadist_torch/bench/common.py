@@ -7,7 +7,7 @@ from typing import Callable
 
 import torch
 
-from .._device import synchronize
+from ..memory.device import synchronize
 
 
 class DataMismatch(Exception):

@@ -20,7 +20,8 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from .. import CacheDesc, DataType, LLMDataDist, LLMRole, Placement, _segments
+from .. import CacheDesc, DataType, LLMDataDist, LLMRole, Placement
+from ..memory import copy as memory_copy
 from .common import DataMismatch, gbps, median, timed
 
 BLOCK_SIZES = (16 << 10, 128 << 10, 1 << 20, 2 << 20)
@@ -176,7 +177,7 @@ def _bench_block(datadist: LLMDataDist, layout: Layout, repeats: int,
                 "blocks": TENSORS * layout.pairs, "total_bytes": layout.total_bytes,
                 "seconds": round(op_s, 6), "gbps": round(rate, 3), "memcpy_gbps": round(ceiling, 3),
                 "ratio": round(rate / ceiling, 3), "repeats": repeats, "device": str(src_device),
-                "copy_threads": _segments.COPY_THREADS, "torch_threads": torch.get_num_threads(),
+                "copy_threads": memory_copy.COPY_THREADS, "torch_threads": torch.get_num_threads(),
             })
         return rows
     finally:

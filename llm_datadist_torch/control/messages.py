@@ -11,6 +11,8 @@ from typing import Optional, Union
 
 import msgspec
 
+from ..core.descriptors import Geometry, Region
+
 # Wire frame (codec.py): msgpack array ``[protocol_version, message]``. Element 0 stays the
 # version in every future version, so a peer can always tell "other version" from "garbage".
 # History:
@@ -18,7 +20,12 @@ import msgspec
 #       Unlink, Ack. Later, compatibly: `mooncake_endpoint`, `mooncake_required` on
 #       Hello/HelloReply; MooncakeEndpoint; Invalidate; Resolved.keyed_slots;
 #       StageRead/StageWrite/StageArea/Staged; Locate/Located.
-PROTOCOL_VERSION = 1
+#   2 - geometry as a `Geometry` struct; the handshake no longer carries role, device kind,
+#       transports or a second protocol version (none was ever read).
+PROTOCOL_VERSION = 2
+
+# Bytes of the staging area an owner keeps for each linked requester (StageRead / StageWrite).
+STAGING_BYTES = 64 << 20
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -28,13 +35,9 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 class _PeerIdentity(Message, frozen=True, kw_only=True):
     """Who a side is; sent by both sides of the handshake."""
 
-    protocol_version: int = PROTOCOL_VERSION
     cluster_id: int
-    role: str  # "prompt" / "decoder" / "" (a client that serves nothing)
     host_id: str  # host.local_host_id(): equal ids mean the same kernel
     pid: int
-    device_kind: str  # "cpu", "cuda", "npu", ...
-    transports: list[str]  # data-plane transports this side can serve, in preference order
     mooncake_endpoint: str = ""  # "ip:rpc_port" of this side's Mooncake agent; "" if none runs
     mooncake_required: bool = False  # this side forces mooncake: the other must run an agent
 
@@ -68,16 +71,6 @@ class ErrorReply(Message, tag="error", frozen=True, kw_only=True):
     message: str
 
 
-class Region(msgspec.Struct, frozen=True, kw_only=True):
-    """Where one cache tensor of the owner lives (not a message; part of `Resolved`)."""
-
-    address: int
-    nbytes: int
-    device: str
-    shm_name: str = ""
-    shm_offset: int = 0
-
-
 class Resolve(Message, tag="resolve", frozen=True, kw_only=True):
     """Requester -> owner: name a cache by key and describe the pull or push to be checked."""
 
@@ -90,7 +83,7 @@ class Resolve(Message, tag="resolve", frozen=True, kw_only=True):
     batch_index: int
     direction: str  # "pull" (owner is the source) | "push" (owner is the destination)
     op: str  # "c2c" | "b2b" | "c2b"
-    geometry: list[int]  # requester's cache: [num_tensors, slots, tensor_bytes, is_blocks]
+    geometry: Geometry  # the requester's cache
     placement: int
     requester_slot: int
     nbytes: int
@@ -104,7 +97,7 @@ class Resolved(Message, tag="resolved", frozen=True, kw_only=True):
     """Owner -> requester: the checked cache's geometry and the regions the request may use."""
 
     cache_id: int
-    geometry: list[int]
+    geometry: Geometry
     placement: int
     slot: int
     regions: dict[int, Region]

@@ -4,10 +4,11 @@ from __future__ import annotations
 from typing import Dict, Optional, Type
 
 from ..status import LLMStatusCode, fail
-from .base import MemoryRegion, Peer, TransferItem, Transport
+from ..core.descriptors import Region
+from .base import Peer, TransferItem, Transport
 from .cma import CmaTransport, grant_access
 from .local import LocalTransport
-from .mooncake import MooncakeTransport
+from .mooncake.transport import MooncakeTransport
 from .shm import ShmTransport
 
 # Automatic choice tries these in order; adding a backend is one entry here.
@@ -20,7 +21,7 @@ TRANSPORTS: Dict[str, Type[Transport]] = {
 AUTOMATIC = (None, "", "auto", "hixl")  # upstream's "hixl" means "pick one" here
 
 
-def choose_transport(peer: Peer, region: MemoryRegion, forced: Optional[str] = None
+def choose_transport(peer: Peer, region: Region, forced: Optional[str] = None
                      ) -> Type[Transport]:
     """The transport class for `region` of `peer`: `forced` if given, else the first able one.
 
@@ -45,6 +46,6 @@ def choose_transport(peer: Peer, region: MemoryRegion, forced: Optional[str] = N
          ", ".join(TRANSPORTS))
 
 
-__all__ = ["TRANSPORTS", "choose_transport", "grant_access", "MemoryRegion", "Peer",
+__all__ = ["TRANSPORTS", "choose_transport", "grant_access", "Peer",
            "TransferItem", "Transport", "LocalTransport", "ShmTransport", "CmaTransport",
            "MooncakeTransport"]

@@ -24,21 +24,11 @@ import numpy as np
 import torch
 
 from .. import _C
-from .._segments import SegmentBatch, copy_addresses, copy_batches
+from ..memory.copy import SegmentBatch, copy_addresses, copy_batches
+from ..core.descriptors import Region
 from ..status import LLMStatusCode, fail
 
 logger = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class MemoryRegion:
-    """One remote cache tensor, as its owner describes it."""
-
-    address: int         # absolute address in the owner process
-    nbytes: int          # bytes of the tensor
-    device: str = "cpu"  # torch device string of the memory ("cpu", "cuda:0", ...)
-    shm_name: str = ""   # /dev/shm file holding it ("" if not in an shm arena)
-    shm_offset: int = 0  # offset of the tensor inside that file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,7 +39,7 @@ class Peer:
     same_process: bool
     same_host: bool
     mooncake_endpoint: str = ""  # the peer's Mooncake "ip:rpc_port" ("" when it runs none)
-    # This side's Mooncake agent (`_mooncake_agent.MooncakeAgent`) that reaches the peer.
+    # This side's Mooncake agent (`transport.mooncake.agent.MooncakeAgent`) that reaches the peer.
     mooncake_agent: Optional[object] = dataclasses.field(default=None, compare=False, repr=False)
 
 
@@ -57,7 +47,7 @@ class Peer:
 class TransferItem:
     """Segments `remote[remote_offsets[i]:+lengths[i]] <-> local[local_offsets[i]:+lengths[i]]`."""
 
-    region: MemoryRegion
+    region: Region
     remote_offsets: torch.Tensor  # int64 CPU, byte offsets inside the remote tensor
     local: torch.Tensor           # local raw 1-D uint8 tensor (CPU or device)
     local_offsets: torch.Tensor   # int64 CPU
@@ -81,7 +71,7 @@ class Segments:
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Absolute (remote, local) addresses: per-item base + offset, vectorised."""
         # numpy, not repeat_interleave: that is a parallel torch kernel, whose idle OpenMP worker
-        # then spins for milliseconds on the core the copy threads need (see _segments.ascending).
+        # then spins for milliseconds on the core the copy threads need (see memory/copy.py, ascending).
         def expand(bases):
             return torch.from_numpy(np.repeat(np.array(bases, dtype=np.int64),
                                               self.counts.numpy()))
@@ -89,7 +79,7 @@ class Segments:
                 expand(local_bases) + self.local_offsets)
 
 
-def _describe(peer: Peer, region: MemoryRegion) -> str:
+def _describe(peer: Peer, region: Region) -> str:
     where = f"{region.device} 0x{region.address:x} ({region.nbytes} bytes"
     if region.shm_name:
         where += f", /dev/shm/{region.shm_name}+{region.shm_offset}"
@@ -169,7 +159,7 @@ class Transport(abc.ABC):
 
     name: ClassVar[str]
     # Whether `_transfer` copies to and from local accelerator memory itself; if not, the
-    # caller bounces such memory through host memory (_bounce.py).
+    # caller bounces such memory through host memory (transport/bounce.py).
     moves_local_device_memory: ClassVar[bool] = False
 
     def __init__(self, peer: Peer):
@@ -180,7 +170,7 @@ class Transport(abc.ABC):
 
     @classmethod
     @abc.abstractmethod
-    def can_serve(cls, peer: Peer, region: MemoryRegion) -> bool:
+    def can_serve(cls, peer: Peer, region: Region) -> bool:
         """Whether this backend can move bytes of `region` owned by `peer`."""
 
     def read(self, items: Sequence[TransferItem], timeout_s: Optional[float]) -> int:
@@ -244,7 +234,7 @@ class Transport(abc.ABC):
     def _release(self) -> None:
         """Drop whatever the transport holds; called once, with no copy in flight."""
 
-    def describe(self, region: MemoryRegion) -> str:
+    def describe(self, region: Region) -> str:
         return _describe(self.peer, region)
 
 

@@ -14,9 +14,10 @@ import threading
 from typing import List, Optional, Set
 
 from .. import _C
-from .._segments import COPY_THREADS, SORT_MIN_SEGMENTS, ascending
+from ..memory.copy import COPY_THREADS, SORT_MIN_SEGMENTS, ascending
 from ..status import LLMStatusCode, fail
-from .base import MemoryRegion, Peer, Segments, TransferItem, Transport
+from ..core.descriptors import Region
+from .base import Peer, Segments, TransferItem, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ class CmaTransport(Transport):
     name = "cma"
 
     @classmethod
-    def can_serve(cls, peer: Peer, region: MemoryRegion) -> bool:
+    def can_serve(cls, peer: Peer, region: Region) -> bool:
         return peer.same_host and not peer.same_process and region.device == "cpu"
 
     def _transfer(self, items: List[TransferItem], segments: Segments, to_remote: bool) -> None:

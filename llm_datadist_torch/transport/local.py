@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import List
 
-from .base import (MemoryRegion, Peer, Segments, TransferItem, Transport, check_items,
+from ..core.descriptors import Region
+from .base import (Peer, Segments, TransferItem, Transport, check_items,
                    copy_by_address)
 
 
@@ -14,7 +15,7 @@ class LocalTransport(Transport):
     moves_local_device_memory = True
 
     @classmethod
-    def can_serve(cls, peer: Peer, region: MemoryRegion) -> bool:
+    def can_serve(cls, peer: Peer, region: Region) -> bool:
         return peer.same_process
 
     def _transfer(self, items: List[TransferItem], segments: Segments, to_remote: bool) -> None:

@@ -16,7 +16,8 @@ import threading
 from typing import Dict, List
 
 from ..status import LLMStatusCode, fail
-from .base import (MemoryRegion, Peer, Segments, TransferItem, Transport, copy_by_address)
+from ..core.descriptors import Region
+from .base import (Peer, Segments, TransferItem, Transport, copy_by_address)
 
 SHM_DIR = "/dev/shm"
 
@@ -54,7 +55,7 @@ class ShmTransport(Transport):
         self._maps_lock = threading.Lock()
 
     @classmethod
-    def can_serve(cls, peer: Peer, region: MemoryRegion) -> bool:
+    def can_serve(cls, peer: Peer, region: Region) -> bool:
         return (peer.same_host and not peer.same_process and bool(region.shm_name)
                 and region.device == "cpu")
 
@@ -62,7 +63,7 @@ class ShmTransport(Transport):
         bases = [self._mapping(item.region).address + item.region.shm_offset for item in items]
         copy_by_address(items, segments, bases, "cpu", to_remote)
 
-    def _mapping(self, region: MemoryRegion) -> _Mapping:
+    def _mapping(self, region: Region) -> _Mapping:
         name = region.shm_name
         with self._maps_lock:
             mapping = self._maps.get(name)
@@ -74,7 +75,7 @@ class ShmTransport(Transport):
                  "file (%s)", mapping.size, self.describe(region))
         return mapping
 
-    def _map(self, name: str, region: MemoryRegion) -> _Mapping:
+    def _map(self, name: str, region: Region) -> _Mapping:
         if "/" in name or name in (".", ".."):
             fail(LLMStatusCode.LLM_PARAM_INVALID, "shm name %r is not a file name in %s (%s)",
                  name, SHM_DIR, self.describe(region))

@@ -16,8 +16,9 @@ from typing import ClassVar, List
 import pytest
 import torch
 
+from llm_datadist_torch.core.descriptors import Region
 from llm_datadist_torch.status import LLMException, LLMStatusCode
-from llm_datadist_torch.transport import (TRANSPORTS, MemoryRegion, Peer, TransferItem,
+from llm_datadist_torch.transport import (TRANSPORTS, Peer, TransferItem,
                                           choose_transport)
 
 BLOCK = 16 << 10
@@ -43,7 +44,7 @@ class Owner:
     """The process owning the remote regions."""
 
     peer: Peer
-    regions: List[MemoryRegion]
+    regions: List[Region]
     can_die = False
 
     def read_back(self, index: int) -> torch.Tensor:
@@ -64,7 +65,7 @@ class LocalOwner(Owner):
 
     def __init__(self, device: str = "cpu"):
         self.tensors = [pattern(i, n).to(device) for i, n in enumerate(REGION_SIZES)]
-        self.regions = [MemoryRegion(t.data_ptr(), t.numel(), str(t.device)) for t in self.tensors]
+        self.regions = [Region(t.data_ptr(), t.numel(), str(t.device)) for t in self.tensors]
         self.peer = Peer(os.getpid(), same_process=True, same_host=True)
 
     def read_back(self, index: int) -> torch.Tensor:
@@ -138,7 +139,7 @@ class ChildOwner(Owner):
 
 
 def _sweep_files(pid: int) -> None:
-    from llm_datadist_torch._arena import SHM_DIR, owned_shm_files
+    from llm_datadist_torch.memory.arena import SHM_DIR, owned_shm_files
     for name in owned_shm_files(pid):
         try:
             os.unlink(os.path.join(SHM_DIR, name))
@@ -151,7 +152,7 @@ def _child_main(conn, kind: str, parent_pid: int) -> None:
     arena = None
     try:
         if kind == "shm":
-            from llm_datadist_torch._arena import MemoryArena
+            from llm_datadist_torch.memory.arena import MemoryArena
             offsets, end = [], 0
             for n in REGION_SIZES:
                 offsets.append(end + SHM_REGION_GAP)
@@ -159,12 +160,12 @@ def _child_main(conn, kind: str, parent_pid: int) -> None:
             arena = MemoryArena.create(torch.device("cpu"), end, "transport_test")
             tensors = [arena.slice(o, n) for o, n in zip(offsets, REGION_SIZES)]
             name = os.path.basename(arena.shm_path)
-            regions = [MemoryRegion(t.data_ptr(), t.numel(), "cpu", name, o)
+            regions = [Region(t.data_ptr(), t.numel(), "cpu", name, o)
                        for t, o in zip(tensors, offsets)]
         else:
             from llm_datadist_torch.transport.cma import grant_access
             tensors = [torch.empty(n, dtype=torch.uint8) for n in REGION_SIZES]
-            regions = [MemoryRegion(t.data_ptr(), t.numel()) for t in tensors]
+            regions = [Region(t.data_ptr(), t.numel()) for t in tensors]
             grant_access({parent_pid})
         for i, t in enumerate(tensors):
             t.copy_(pattern(i, t.numel()))
@@ -200,7 +201,7 @@ class Plan:
     """Random 16 KiB blocks plus odd-sized segments for every region, all into one local raw
     tensor; remote segments never overlap each other, local ones neither."""
 
-    def __init__(self, regions: List[MemoryRegion], seed: int, local_device: str = "cpu"):
+    def __init__(self, regions: List[Region], seed: int, local_device: str = "cpu"):
         generator = torch.Generator().manual_seed(seed)
         per_region = []
         slot = 0
@@ -248,7 +249,7 @@ class Plan:
         return out
 
 
-def original(regions: List[MemoryRegion]) -> List[torch.Tensor]:
+def original(regions: List[Region]) -> List[torch.Tensor]:
     return [pattern(i, r.nbytes) for i, r in enumerate(regions)]
 
 
@@ -472,7 +473,7 @@ class TransportContract:
     ])
     def test_choose_transport_rules(self, same_process, same_host, device, shm, auto, allowed):
         peer = Peer(4321, same_process, same_host)
-        region = MemoryRegion(0x10000, 4096, device, shm, 0)
+        region = Region(0x10000, 4096, device, shm, 0)
         for forced in (None, "", "auto", "hixl"):
             if auto is None:
                 with pytest.raises(LLMException) as excinfo:

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from contract import BLOCK, PARAM, ChildOwner, TransportContract, assert_code, i64
+from llm_datadist_torch.core.descriptors import Region
 from llm_datadist_torch import _C
 from llm_datadist_torch.status import LLMException, LLMStatusCode
-from llm_datadist_torch.transport import CmaTransport, MemoryRegion, Peer, TransferItem, cma
+from llm_datadist_torch.transport import CmaTransport, Peer, TransferItem, cma
 
 
 class TestCmaTransport(TransportContract):
@@ -20,7 +21,7 @@ class TestCmaTransport(TransportContract):
         return ChildOwner("cma")
 
     def test_unmapped_remote_address_is_param_invalid(self, owner, transport):
-        region = MemoryRegion(0x1000, BLOCK)  # page 1 is never mapped
+        region = Region(0x1000, BLOCK)  # page 1 is never mapped
         local = torch.zeros(BLOCK, dtype=torch.uint8)
         with pytest.raises(LLMException) as excinfo:
             transport.read([TransferItem(region, i64([0]), local, i64([0]), i64([BLOCK]))], 10.0)
@@ -48,7 +49,7 @@ def test_errno_mapping(monkeypatch, err, code):
     monkeypatch.setattr(_C, "cma_read", failing)
     transport = CmaTransport(Peer(4321, same_process=False, same_host=True))
     local = torch.zeros(BLOCK, dtype=torch.uint8)
-    item = TransferItem(MemoryRegion(0x10000, BLOCK), i64([0]), local, i64([0]), i64([BLOCK]))
+    item = TransferItem(Region(0x10000, BLOCK), i64([0]), local, i64([0]), i64([BLOCK]))
     with pytest.raises(LLMException) as excinfo:
         transport.read([item], 10.0)
     assert_code(excinfo, code)

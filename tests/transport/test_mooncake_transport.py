@@ -15,14 +15,15 @@ import types
 import pytest
 import torch
 
-import llm_datadist_torch._links as links_module
+import llm_datadist_torch.control.links as links_module
+from llm_datadist_torch.core.descriptors import Region
 from llm_datadist_torch import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig,
                                 LLMDataDist, LLMRole, Placement)
-from llm_datadist_torch import _mooncake_agent
+from llm_datadist_torch.transport.mooncake import agent as mooncake_agent
 from llm_datadist_torch.status import LLMException, LLMStatusCode
-from llm_datadist_torch.transport import (TRANSPORTS, MemoryRegion, MooncakeTransport, Peer,
+from llm_datadist_torch.transport import (TRANSPORTS, MooncakeTransport, Peer,
                                           TransferItem, choose_transport)
-from llm_datadist_torch.transport.mooncake import coalesce
+from llm_datadist_torch.transport.mooncake.transport import coalesce
 
 
 def i64(values):
@@ -66,7 +67,7 @@ class FakeAgent:
             if self.error is not None:
                 raise self.error
             return self.result
-        call = _mooncake_agent.InFlight(run, sum(lengths), 30.0)
+        call = mooncake_agent.InFlight(run, sum(lengths), 30.0)
         call.start()
         return call
 
@@ -79,7 +80,7 @@ def _transport(agent):
 def _item(region_address=0x10000, blocks=4, block=4096):
     local = torch.zeros(blocks * block, dtype=torch.uint8)
     offsets = i64([i * block for i in range(blocks)])
-    region = MemoryRegion(region_address, blocks * block)
+    region = Region(region_address, blocks * block)
     return TransferItem(region, offsets, local, offsets.clone(), i64([block] * blocks))
 
 
@@ -124,7 +125,7 @@ def test_a_stuck_call_times_out_within_the_deadline():
 def test_device_memory_is_refused():
     agent = FakeAgent()
     item = _item()
-    device_item = TransferItem(MemoryRegion(0x10000, item.local.numel(), "cuda:0"),
+    device_item = TransferItem(Region(0x10000, item.local.numel(), "cuda:0"),
                                item.remote_offsets, item.local, item.local_offsets, item.lengths)
     with pytest.raises(LLMException) as excinfo:
         _transport(agent).read([device_item], 5.0)
@@ -134,7 +135,7 @@ def test_device_memory_is_refused():
 
 
 def test_selection():
-    region = MemoryRegion(0x10000, 4096)
+    region = Region(0x10000, 4096)
     far = Peer(4321, False, False, mooncake_endpoint="10.0.0.2:1", mooncake_agent=FakeAgent())
     assert choose_transport(far, region) is MooncakeTransport
     near = Peer(4321, False, True, mooncake_endpoint="127.0.0.1:1", mooncake_agent=FakeAgent())
@@ -195,12 +196,12 @@ def no_mooncake(monkeypatch):
     """As if Mooncake were not installed (and no engine of an earlier test were idle)."""
     monkeypatch.setitem(sys.modules, "mooncake", None)
     monkeypatch.setitem(sys.modules, "mooncake.engine", None)
-    monkeypatch.setattr(_mooncake_agent, "_idle", {})
+    monkeypatch.setattr(mooncake_agent, "_idle", {})
 
 
 def test_missing_package_names_the_install(no_mooncake):
     with pytest.raises(LLMException) as excinfo:
-        _mooncake_agent.import_transfer_engine()
+        mooncake_agent.import_transfer_engine()
     assert excinfo.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
     assert 'pip install "llm_datadist_torch[mooncake]"' in str(excinfo.value)
     assert "libibverbs1" in str(excinfo.value)
@@ -289,27 +290,27 @@ class StubEngine:
 
 
 def _stub_agent(engine):
-    agent = object.__new__(_mooncake_agent.MooncakeAgent)  # no Mooncake needed
+    agent = object.__new__(mooncake_agent.MooncakeAgent)  # no Mooncake needed
     agent._te = engine
-    agent._budgets = {"t": [threading.Condition(), _mooncake_agent.MAX_PENDING_PER_PEER]}
+    agent._budgets = {"t": [threading.Condition(), mooncake_agent.MAX_PENDING_PER_PEER]}
     return agent
 
 
 def test_large_transfers_go_in_bounded_batches():
     engine = StubEngine()
     agent = _stub_agent(engine)
-    n = 2 * _mooncake_agent.MAX_PENDING_PER_PEER + 452
-    call = _mooncake_agent.InFlight(None, n, 30.0)
+    n = 2 * mooncake_agent.MAX_PENDING_PER_PEER + 452
+    call = mooncake_agent.InFlight(None, n, 30.0)
     assert agent._run_batches(call, "t", list(range(n)), list(range(n)), [1] * n, False) == 0
-    assert engine.batches == [_mooncake_agent.MAX_PENDING_PER_PEER] * 2 + [452]
-    assert agent._budgets["t"][1] == _mooncake_agent.MAX_PENDING_PER_PEER  # all given back
+    assert engine.batches == [mooncake_agent.MAX_PENDING_PER_PEER] * 2 + [452]
+    assert agent._budgets["t"][1] == mooncake_agent.MAX_PENDING_PER_PEER  # all given back
 
 
 def test_a_failing_or_abandoned_transfer_stops_its_batches():
     engine = StubEngine(result=-1)
     agent = _stub_agent(engine)
-    n = 3 * _mooncake_agent.MAX_PENDING_PER_PEER
-    call = _mooncake_agent.InFlight(None, n, 30.0)
+    n = 3 * mooncake_agent.MAX_PENDING_PER_PEER
+    call = mooncake_agent.InFlight(None, n, 30.0)
     assert agent._run_batches(call, "t", [0] * n, [0] * n, [1] * n, False) == -1
     assert len(engine.batches) == 1
     call.abandon()
@@ -325,13 +326,13 @@ def _mooncake_owner_main(conn, parent_pid):
     """Child: regions in plain tensors registered with a Mooncake engine on 127.0.0.1."""
     torch.set_num_threads(1)
     try:
-        engine = _mooncake_agent.import_transfer_engine()()
+        engine = mooncake_agent.import_transfer_engine()()
         assert engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
         tensors = [pattern(i, n) for i, n in enumerate(REGION_SIZES)]
         for tensor in tensors:
             assert engine.register_memory(tensor.data_ptr(), tensor.numel()) == 0
         endpoint = f"127.0.0.1:{engine.get_rpc_port()}"
-        regions = [MemoryRegion(t.data_ptr(), t.numel()) for t in tensors]
+        regions = [Region(t.data_ptr(), t.numel()) for t in tensors]
         conn.send(("ok", (os.getpid(), endpoint, regions)))
         while True:
             try:
@@ -384,7 +385,7 @@ class TestMooncakeTransport(TransportContract):
     @classmethod
     def make_owner(cls):
         if TestMooncakeTransport._agent is None:  # this process's side, shared by the class
-            TestMooncakeTransport._agent = _mooncake_agent.MooncakeAgent(_bare_engine(), "127.0.0.1")
+            TestMooncakeTransport._agent = mooncake_agent.MooncakeAgent(_bare_engine(), "127.0.0.1")
         return MooncakeOwner(TestMooncakeTransport._agent)
 
     @pytest.fixture(scope="class", autouse=True)

@@ -1,10 +1,11 @@
 """The transport contract for `shm`, plus what only shm files can get wrong."""
+import msgspec
 import pytest
 import torch
 
 from contract import (BLOCK, PARAM, ChildOwner, Plan, TransportContract, assert_code, i64)
 from llm_datadist_torch.status import LLMException, LLMStatusCode
-from llm_datadist_torch.transport import MemoryRegion, ShmTransport, TransferItem
+from llm_datadist_torch.transport import ShmTransport, TransferItem
 
 
 class TestShmTransport(TransportContract):
@@ -32,8 +33,7 @@ class TestShmTransport(TransportContract):
         {"shm_offset": -1},
     ])
     def test_bad_shm_location(self, owner, transport, change):
-        fields = dict(vars(owner.regions[0]), **change)
-        region = MemoryRegion(**fields)
+        region = msgspec.structs.replace(owner.regions[0], **change)
         local = torch.zeros(BLOCK, dtype=torch.uint8)
         with pytest.raises(LLMException) as excinfo:
             transport.read([TransferItem(region, i64([0]), local, i64([0]), i64([BLOCK]))], 10.0)

@@ -36,8 +36,8 @@ def no_server_thread_survives():
 
 
 def make_hello(pid=1, cluster_id=7, reply_endpoint=""):
-    return Hello(cluster_id=cluster_id, role="decoder", host_id=local_host_id(), pid=pid,
-                 device_kind="cpu", transports=["shm", "cma"], reply_endpoint=reply_endpoint)
+    return Hello(cluster_id=cluster_id, host_id=local_host_id(), pid=pid,
+                 reply_endpoint=reply_endpoint)
 
 
 def echo_handler(request, peer):
@@ -45,8 +45,7 @@ def echo_handler(request, peer):
     if isinstance(request, Ping):
         return Pong()
     assert isinstance(request, Hello) and isinstance(peer, bytes) and peer
-    return HelloReply(cluster_id=99, role="prompt", host_id=local_host_id(), pid=request.pid,
-                      device_kind="cpu", transports=["shm"], accepted=True,
+    return HelloReply(cluster_id=99, host_id=local_host_id(), pid=request.pid, accepted=True,
                       status_code=int(LLMStatusCode.LLM_SUCCESS), message="")
 
 
@@ -100,8 +99,7 @@ def free_tcp_endpoint():
 
 @pytest.mark.parametrize("msg", [
     make_hello(reply_endpoint="tcp://10.0.0.1:5000"),
-    HelloReply(cluster_id=2**64 - 1, role="prompt", host_id="b:h", pid=3, device_kind="cuda",
-               transports=[], accepted=False, status_code=int(LLMStatusCode.LLM_LINK_FAILED),
+    HelloReply(cluster_id=2**64 - 1, host_id="b:h", pid=3, accepted=False, status_code=int(LLMStatusCode.LLM_LINK_FAILED),
                message="no"),
     Ping(), Pong(), ErrorReply(status_code=int(LLMStatusCode.LLM_FAILED), message="x"),
 ])
@@ -109,11 +107,7 @@ def test_codec_round_trip(msg):
     assert codec.decode(codec.encode(msg)) == msg
 
 
-def test_codec_hello_defaults_to_current_protocol_version():
-    assert make_hello().protocol_version == PROTOCOL_VERSION
-
-
-@pytest.mark.parametrize("data", [b"", b"\xc1", b"\x01", b"\x92\x01\x81\xa4type\xa3zzz",
+@pytest.mark.parametrize("data", [b"", b"\xc1", b"\x01", bytes([0x92, PROTOCOL_VERSION]) + b"\x81\xa4type\xa3zzz",
                                   codec.encode(Ping())[:-1], b"\x92\xa1x\x80"])
 def test_codec_garbage_is_param_invalid(data):
     with raises_llm(LLMStatusCode.LLM_PARAM_INVALID, "undecodable"):
@@ -150,7 +144,7 @@ def test_hello_round_trip(serve, client):
     assert endpoint.startswith("tcp://127.0.0.1:") and not endpoint.endswith(":0")
     reply = client(endpoint).call(make_hello(pid=1234), timeout_s=5)
     assert isinstance(reply, HelloReply)
-    assert reply.pid == 1234 and reply.accepted and reply.transports == ["shm"]
+    assert reply.pid == 1234 and reply.accepted and reply.cluster_id == 99
     assert reply.protocol_version == PROTOCOL_VERSION
 
 

@@ -106,13 +106,3 @@ def test_pull_by_id_reuses_the_answer_except_for_keyed_slots(pair):
     for mine, theirs in zip(local.tensors, slots.tensors):
         assert torch.equal(mine, theirs)
     assert ("req", 77, 0) not in owner.cache_manager._engine.table.bound_keys()
-
-
-def test_staging_chunks_fit_the_area():
-    from llm_datadist_torch._remote_ops import _chunks
-    lengths = torch.tensor([10, 10, 10, 5])
-    assert list(_chunks(lengths, 2, 45)) == [slice(0, 2), slice(2, 4)]
-    assert list(_chunks(lengths, 1, 1000)) == [slice(0, 4)]
-    with pytest.raises(LLMException) as info:
-        list(_chunks(lengths, 5, 45))
-    assert info.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED

@@ -3,7 +3,7 @@
 Each process runs a `TransferEngine` on 127.0.0.1 and registers its buffer; the server hands its
 RPC port and buffer address to the client, which reads the block list with
 `batch_transfer_sync_read` (in batches of at most 1024 blocks: Mooncake's TCP transport fails a
-larger batch to one peer outright, see `llm_datadist_torch._mooncake_agent`).
+larger batch to one peer outright, see `llm_datadist_torch.transport.mooncake.agent`).
 """
 from __future__ import annotations
 

@@ -12,23 +12,19 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from ._arena import MemoryArena
-from ._cache_table import CacheEntry, KeyBinding, blocks_key_identity
-from ._device import synchronize
-from ._engine import Engine
-from ._segments import SegmentBatch, copy_batches
-from ._transfer_plan import Geometry, build_plan
-from .control.messages import Locate, Located, Place, Region, Release, Resolve, Resolved, StageRead
-from .enums import Placement
-from .keys import INVALID_ID
-from .status import LLMStatusCode, fail, raise_if_false
+from ..memory.arena import MemoryArena
+from ..core.cache_table import CacheEntry, KeyBinding, blocks_key_identity
+from ..memory.device import synchronize
+from ..core.engine import Engine
+from ..memory.copy import SegmentBatch, copy_batches
+from ..core.descriptors import Region
+from ..core.plan import build_plan
+from .messages import STAGING_BYTES, Locate, Located, Place, Release, Resolve, Resolved, StageRead
+from ..enums import Placement
+from ..keys import INVALID_ID
+from ..status import LLMStatusCode, fail, raise_if_false
 
 NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
-STAGING_BYTES = 64 << 20  # per linked requester, created at its first staged transfer
-
-
-def geometry_of(entry: CacheEntry) -> Geometry:
-    return Geometry(entry.num_tensors, entry.slots, entry.tensor_bytes, entry.is_blocks)
 
 
 class Responder:
@@ -112,8 +108,7 @@ class Responder:
                            "cache %d was not registered for remote access", entry.cache_id)
             if request.placement == Placement.HOST and entry.placement == Placement.HOST:
                 fail(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "host-to-host transfers are not supported")
-            mine = geometry_of(entry)
-            theirs = Geometry(*request.geometry[:3], bool(request.geometry[3]))
+            mine, theirs = entry.geometry, request.geometry
             pulling = request.direction == "pull"
             src, dst = (mine, theirs) if pulling else (theirs, mine)
             src_slot, dst_slot = (slot, request.requester_slot) if pulling else (request.requester_slot, slot)
@@ -121,11 +116,11 @@ class Responder:
                        request.dst_blocks, request.src_tensors, request.dst_tensors)  # checks only
             # Every tensor, not only the planned ones: a requester may keep this answer for
             # later requests on the same cache (it is told when the cache goes away).
-            regions = {index: self._wire_region(entry, index) for index in range(entry.num_tensors)}
+            regions = {index: entry.region(index) for index in range(entry.num_tensors)}
             release_key = None
             if pulling and binding is not None and binding.releasable:
                 release_key = self._engine.table.identity_of(binding)
-            return Resolved(cache_id=entry.cache_id, geometry=wire_geometry(mine),
+            return Resolved(cache_id=entry.cache_id, geometry=mine,
                             placement=int(entry.placement), slot=slot, regions=regions,
                             release_key=release_key,
                             keyed_slots=self._engine.table.keyed_slots(entry))
@@ -146,13 +141,8 @@ class Responder:
                                request.nbytes)
                 entry, index, offset = found[0]
                 places.append(Place(cache_id=entry.cache_id, tensor=index, offset=offset,
-                                    region=self._wire_region(entry, index)))
+                                    region=entry.region(index)))
             return Located(places=places)
-
-    def _wire_region(self, entry: CacheEntry, index: int) -> Region:
-        region = self._engine.region(entry, index)
-        return Region(address=region.address, nbytes=region.nbytes, device=region.device,
-                      shm_name=region.shm_name, shm_offset=region.shm_offset)
 
     def release(self, request: Release) -> None:
         """The peer finished pulling these tensors through a request key."""
@@ -196,9 +186,5 @@ class Responder:
 
 
 def _region_of(area: MemoryArena) -> Region:
-    return Region(address=area.tensor.data_ptr(), nbytes=area.nbytes, device="cpu",
-                  shm_name=os.path.basename(area.shm_path or ""), shm_offset=0)
-
-
-def wire_geometry(geometry: Geometry) -> list:
-    return [geometry.num_tensors, geometry.slots, geometry.tensor_bytes, int(geometry.is_blocks)]
+    return Region(area.tensor.data_ptr(), area.nbytes, "cpu",
+                  os.path.basename(area.shm_path or ""))

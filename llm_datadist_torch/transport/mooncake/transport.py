@@ -1,6 +1,6 @@
 """`mooncake`: one-sided reads and writes of a peer's registered CPU memory through the Mooncake
 Transfer Engine (TCP, or RDMA with `LLM_DATADIST_TORCH_MOONCAKE_PROTOCOL=rdma`); works across
-hosts. Optional dependency; see `_mooncake_agent.py` for the engine, its set-up and its memory.
+hosts. Optional dependency; see `agent.py` for the engine, its set-up and its memory.
 
 A transfer is one `batch_transfer_sync_read/write` with every segment (adjacent segments are
 merged first; more than `MAX_PENDING_PER_PEER` segments go in several batches, see the
@@ -13,7 +13,7 @@ unreachable, address refused by the peer): `LLM_LINK_FAILED`.
 
 CPU memory only (the CPU wheel has no device registration): the requester reaches a peer's
 device memory through the peer's host staging area and bounces its own through a host buffer
-(`_remote_ops`, `_bounce`); device memory handed here anyway is refused with
+(`ops/remote_ops.py`, `transport/bounce.py`); device memory handed here anyway is refused with
 `LLM_FEATURE_NOT_ENABLED` rather than given to Mooncake as a host address.
 """
 from __future__ import annotations
@@ -25,8 +25,9 @@ from typing import List, Tuple
 
 import torch
 
-from ..status import LLMException, LLMStatusCode, fail
-from .base import MemoryRegion, Peer, Segments, TransferItem, Transport
+from ...status import LLMException, LLMStatusCode, fail
+from ...core.descriptors import Region
+from ..base import Peer, Segments, TransferItem, Transport
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class MooncakeTransport(Transport):
         self._timeouts = threading.local()  # the caller's timeout, for `_transfer`
 
     @classmethod
-    def can_serve(cls, peer: Peer, region: MemoryRegion) -> bool:
+    def can_serve(cls, peer: Peer, region: Region) -> bool:
         # Both ends must run an agent (the handshake starts them when a link needs one).
         # Device regions are accepted here and refused in `_transfer`, with the reason.
         return bool(peer.mooncake_endpoint) and peer.mooncake_agent is not None

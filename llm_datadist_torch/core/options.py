@@ -9,7 +9,7 @@ import json
 import os
 from typing import Dict, Optional, Tuple
 
-from .status import LLMStatusCode, fail, raise_if_false
+from ..status import LLMStatusCode, fail, raise_if_false
 
 PARAM = LLMStatusCode.LLM_PARAM_INVALID
 DEFAULT_SYNC_KV_TIMEOUT_MS = 1000

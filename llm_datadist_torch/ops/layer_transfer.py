@@ -16,19 +16,18 @@ import threading
 import time
 from typing import Dict, List, Optional, Sequence
 
-from ._checks import check_isinstance, check_list_uint64, check_uint64
-from ._cache_table import CacheEntry
-from ._engine import Engine
-from ._remote_ops import link_for, move, transfer
-from ._serving import geometry_of
-from ._transfer_args import remote_ref
-from ._transfer_plan import (Geometry, Plan, plan_blocks_to_blocks, plan_slot_to_blocks,
+from .._checks import check_isinstance, check_list_uint64, check_uint64
+from ..core.cache_table import CacheEntry
+from ..core.engine import Engine
+from .remote_ops import link_for, move, transfer
+from .transfer_args import remote_ref
+from ..core.plan import (Geometry, Plan, plan_blocks_to_blocks, plan_slot_to_blocks,
                              plan_slot_to_slot)
-from .cache import Cache
-from .control.messages import Locate, Located
-from .enums import Placement
-from .status import LLMException, LLMStatusCode, fail, raise_if_false
-from .transfer_types import CacheTask, LayerSynchronizer, TransferConfig, TransferWithCacheKeyConfig
+from ..cache import Cache
+from ..control.messages import Locate, Located
+from ..enums import Placement
+from ..status import LLMException, LLMStatusCode, fail, raise_if_false
+from ..transfer_types import CacheTask, LayerSynchronizer, TransferConfig, TransferWithCacheKeyConfig
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +192,7 @@ class _LayerTask:
         link = link_for(engine, self._links, config.dst_cluster_id, local,
                         remote_accessible_mode=False)
         deadline = time.monotonic() + engine.options.sync_kv_timeout_ms / 1000.0
-        plan, extent = _address_plan(geometry_of(local), self._blocks, config.src_batch_index)
+        plan, extent = _address_plan(local.geometry, self._blocks, config.src_batch_index)
         first = TENSORS_PER_LAYER * (layer - config.src_layer_range.start)
         addresses = list(config.dst_addrs[first:first + TENSORS_PER_LAYER])
         reply = link.call(Locate(requester=engine.cluster_id, addresses=addresses, nbytes=extent),

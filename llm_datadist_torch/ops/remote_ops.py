@@ -6,43 +6,20 @@ a request key finally tells the owner, which releases the key (spec §14.3).
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections import defaultdict
-from typing import Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
-import torch
-
-from ._cache_table import CacheEntry
-from ._engine import Engine
-from ._links import Link
-from ._serving import STAGING_BYTES, geometry_of, wire_geometry
-from ._transfer_plan import Geometry, build_plan
-from .control.messages import Release, Resolve, Resolved, StageArea, StageRead, StageWrite
-from .enums import Placement
-from .keys import INVALID_ID
-from .status import LLMException, LLMStatusCode, fail, raise_if_false
-from .transport.base import MemoryRegion, TransferItem, Transport
-
-
-@dataclasses.dataclass
-class RemoteRef:
-    """What names the remote cache: a key of one of three kinds (spec §14.5)."""
-
-    kind: str  # "cache_key" | "id_index" | "blocks"
-    req_id: int = INVALID_ID
-    prefix_id: int = INVALID_ID
-    model_id: int = 0
-    cache_id: int = -1
-    batch_index: int = 0
-
-    @property
-    def reusable_key(self) -> Optional[tuple]:
-        """Key under which the owner's answer may be kept: blocks keys and cache ids name the
-        same memory until the owner says otherwise; request keys are consumed by pulls."""
-        if self.kind == "cache_key":
-            return None
-        return (self.kind, self.model_id if self.kind == "blocks" else self.cache_id)
+from ..core.cache_table import CacheEntry
+from ..core.engine import Engine
+from ..control.links import Link
+from ..control.messages import Release, Resolve, Resolved
+from ..core.plan import build_plan
+from ..enums import Placement
+from ..status import LLMException, LLMStatusCode, fail, raise_if_false
+from ..transport.base import TransferItem
+from .remote_ref import RemoteRef
+from .staged import staged_move, through
 
 
 def link_for(engine: Engine, links, cluster_id: int, local: CacheEntry,
@@ -71,7 +48,7 @@ def _resolve(engine: Engine, link: Link, ref: RemoteRef, request, local: CacheEn
             fail(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "host-to-host transfers are not supported")
         if ref.kind == "blocks":
             return reply, 0
-        if not reply.geometry[3] and ref.batch_index >= reply.geometry[1]:
+        if not reply.geometry.is_blocks and ref.batch_index >= reply.geometry.slots:
             fail(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, "cache %d of cluster %d has no batch index %d",
                  ref.cache_id, link.cluster_id, ref.batch_index)
         return reply, ref.batch_index
@@ -97,18 +74,18 @@ def transfer(engine: Engine, link: Link, ref: RemoteRef, local: CacheEntry, dire
     timeout_s = engine.options.sync_kv_timeout_ms / 1000.0
     deadline = time.monotonic() + timeout_s
     pulling = direction == "pull"
-    mine = geometry_of(local)
+    mine = local.geometry
 
     def request() -> Resolve:
         return Resolve(requester=engine.cluster_id, key_kind=ref.kind, req_id=ref.req_id,
                        prefix_id=ref.prefix_id, model_id=ref.model_id, cache_id=ref.cache_id,
                        batch_index=ref.batch_index, direction=direction, op=op,
-                       geometry=wire_geometry(mine), placement=int(local.placement),
+                       geometry=mine, placement=int(local.placement),
                        requester_slot=local_slot, nbytes=nbytes, src_blocks=list(src_blocks),
                        dst_blocks=list(dst_blocks), src_tensors=list(src_tensors),
                        dst_tensors=list(dst_tensors))
     reply, remote_slot = _resolve(engine, link, ref, request, local, deadline)
-    theirs = Geometry(*reply.geometry[:3], bool(reply.geometry[3]))
+    theirs = reply.geometry
     raise_if_false(not remote_block_bytes or (theirs.is_blocks and theirs.stride == remote_block_bytes),
                    "the remote cache has %d byte blocks, not %d", theirs.stride, remote_block_bytes)
     src, dst = (theirs, mine) if pulling else (mine, theirs)
@@ -129,12 +106,12 @@ def move(engine: Engine, link: Link, cache_id: int, regions, plan, local: CacheE
     requester cannot reach that memory (device memory of another process).
     """
     first_remote = regions[plan.pairs[0][0] if pulling else plan.pairs[0][1]]
-    if link.needs_staging(_region(first_remote)):
-        return _staged(engine, link, cache_id, plan, local, pulling, deadline)
+    if link.needs_staging(first_remote):
+        return staged_move(engine, link, cache_id, plan, local, pulling, deadline)
     by_transport = defaultdict(list)
     for src_index, dst_index in plan.pairs:
         remote_index, local_index = (src_index, dst_index) if pulling else (dst_index, src_index)
-        region = _region(regions[remote_index])
+        region = regions[remote_index]
         remote_offsets, local_offsets = ((plan.src_offsets, plan.dst_offsets) if pulling
                                          else (plan.dst_offsets, plan.src_offsets))
         item = TransferItem(region, remote_offsets, local.raw[local_index], local_offsets, plan.lengths)
@@ -147,7 +124,7 @@ def move(engine: Engine, link: Link, cache_id: int, regions, plan, local: CacheE
                 fail(LLMStatusCode.LLM_TIMEOUT, "transfer with cluster %d exceeded %d ms",
                      link.cluster_id, engine.options.sync_kv_timeout_ms)
             try:
-                moved += _through(engine, link, transport, items, pulling, deadline)
+                moved += through(link, transport, items, pulling, deadline)
             except LLMException as exc:
                 in_flight = getattr(exc, "in_flight", None)  # a copy abandoned while running
                 if in_flight is not None:
@@ -157,23 +134,6 @@ def move(engine: Engine, link: Link, cache_id: int, regions, plan, local: CacheE
     return moved
 
 
-def _through(engine: Engine, link: Link, transport: Transport, items, pulling: bool,
-             deadline: float) -> int:
-    """One transport call, with local device memory the transport cannot reach (or, under the
-    staging test switch, any local memory of a cross-process link) bounced through host memory."""
-    remaining = deadline - time.monotonic()
-    forced = link.force_staging and not link.peer.same_process
-    if forced or (not transport.moves_local_device_memory
-                  and any(item.local.device.type != "cpu" for item in items)):
-        return engine.bounce.move(transport, items, pulling, deadline)
-    return transport.read(items, remaining) if pulling else transport.write(items, remaining)
-
-
-def _region(wire) -> MemoryRegion:
-    return MemoryRegion(address=wire.address, nbytes=wire.nbytes, device=wire.device,
-                        shm_name=wire.shm_name, shm_offset=wire.shm_offset)
-
-
 def _release_pulled(engine: Engine, link: Link, reply: Resolved, plan, release: bool,
                     deadline: float) -> None:
     """Tell the owner which tensors were pulled through a request key (it releases the key)."""
@@ -181,49 +141,3 @@ def _release_pulled(engine: Engine, link: Link, reply: Resolved, plan, release: 
         pulled = sorted({pair[0] for pair in plan.pairs})
         link.call(Release(requester=engine.cluster_id, key=list(reply.release_key), tensors=pulled),
                   max(deadline - time.monotonic(), 0.05))
-
-
-def _staged(engine: Engine, link: Link, cache_id: int, plan, local: CacheEntry, pulling: bool,
-            deadline: float) -> int:
-    """Move a plan through the owner's host staging area, chunk by chunk: the owner copies its
-    (device) memory to or from the area, and the area is read or written like any host memory."""
-    remote_tensors = [pair[0] if pulling else pair[1] for pair in plan.pairs]
-    local_tensors = [pair[1] if pulling else pair[0] for pair in plan.pairs]
-    remote_offsets, local_offsets = ((plan.src_offsets, plan.dst_offsets) if pulling
-                                     else (plan.dst_offsets, plan.src_offsets))
-    moved = 0
-    with link.staging_lock, engine.table.pinned([] if pulling else [local], [local] if pulling else []):
-        area = None
-        for chunk in _chunks(plan.lengths, len(plan.pairs), STAGING_BYTES):
-            lengths, chunk_bytes = plan.lengths[chunk], int(plan.lengths[chunk].sum())
-            packed = torch.cumsum(lengths, 0) - lengths
-            message = dict(requester=engine.cluster_id, cache_id=cache_id, tensors=remote_tensors,
-                           offsets=remote_offsets[chunk].tolist(), lengths=lengths.tolist())
-            if pulling:
-                area = link.call(StageRead(**message), deadline - time.monotonic()).region
-            elif area is None:
-                area = link.call(StageArea(requester=engine.cluster_id),
-                                 deadline - time.monotonic()).region
-            region = _region(area)
-            items = [TransferItem(region, packed + k * chunk_bytes, local.raw[t], local_offsets[chunk],
-                                  lengths) for k, t in enumerate(local_tensors)]
-            moved += _through(engine, link, link.transport_for(region), items, pulling, deadline)
-            if not pulling:
-                link.call(StageWrite(**message), deadline - time.monotonic())
-    return moved
-
-
-def _chunks(lengths: torch.Tensor, tensors: int, capacity: int):
-    """Slices of segments whose bytes, over all tensors, fit the staging area."""
-    start, used = 0, 0
-    for index, length in enumerate(lengths.tolist()):
-        if length * tensors > capacity:
-            fail(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "a %d byte segment of %d tensors does not "
-                 "fit the %d byte staging area", length, tensors, capacity)
-        if used + length * tensors > capacity:
-            yield slice(start, index)
-            start, used = index, 0
-        used += length * tensors
-    yield slice(start, len(lengths))
-
-

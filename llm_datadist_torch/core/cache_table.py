@@ -17,8 +17,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tupl
 
 import torch
 
-from .keys import INVALID_ID, CacheKey
-from .status import LLMStatusCode, fail, raise_if_false
+from .descriptors import Geometry, Region
+from ..keys import INVALID_ID, CacheKey
+from ..status import LLMStatusCode, fail, raise_if_false
 
 KeyId = Tuple[str, int, int]
 
@@ -72,6 +73,17 @@ class CacheEntry:
     @property
     def addrs(self) -> List[int]:
         return [tensor.data_ptr() for tensor in self.raw]
+
+    @property
+    def geometry(self) -> Geometry:
+        return Geometry(self.num_tensors, self.slots, self.tensor_bytes, self.is_blocks)
+
+    def region(self, index: int) -> Region:
+        """Where tensor `index` lives, as a peer needs to know it."""
+        raw = self.raw[index]
+        address = raw.data_ptr()
+        return Region(address, raw.numel(), str(raw.device), self.shm_name,
+                      address - self.shm_base if self.shm_name else 0)
 
 
 @dataclasses.dataclass(eq=False)

@@ -12,21 +12,10 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from .status import LLMStatusCode, raise_if_false
+from .descriptors import Geometry
+from ..status import LLMStatusCode, raise_if_false
 
 PARAM = LLMStatusCode.LLM_PARAM_INVALID
-
-
-@dataclasses.dataclass(frozen=True)
-class Geometry:
-    num_tensors: int
-    slots: int          # dimension 0: batch slots, or blocks of a blocks cache
-    tensor_bytes: int
-    is_blocks: bool
-
-    @property
-    def stride(self) -> int:
-        return self.tensor_bytes // self.slots
 
 
 @dataclasses.dataclass

@@ -13,11 +13,12 @@ from typing import Iterator, List, Sequence, Tuple
 
 import torch
 
-from ._arena import MemoryArena
-from ._device import synchronize
-from ._segments import SegmentBatch, copy_batches
-from .status import LLMException
-from .transport.base import TransferItem, Transport
+from ..memory.arena import MemoryArena
+from ..memory.device import synchronize
+from ..memory.chunks import pack, split_segments
+from ..memory.copy import SegmentBatch, copy_batches
+from ..status import LLMException
+from .base import TransferItem, Transport
 
 BOUNCE_BYTES = 64 << 20
 
@@ -97,42 +98,18 @@ class BounceBuffer:
             self._retire(arena)
 
 
-def split_segments(item: TransferItem, max_bytes: int) -> TransferItem:
-    """The same bytes in segments of at most `max_bytes` each (vectorised)."""
-    lengths = item.lengths
-    if not lengths.numel() or int(lengths.max()) <= max_bytes:
-        return item
-    pieces = (lengths + max_bytes - 1) // max_bytes
-    owner = torch.repeat_interleave(torch.arange(lengths.numel()), pieces)
-    first = torch.cumsum(pieces, 0) - pieces
-    step = (torch.arange(int(pieces.sum())) - first[owner]) * max_bytes
-    piece_lengths = torch.clamp(lengths[owner] - step, max=max_bytes)
-    return TransferItem(item.region, item.remote_offsets[owner] + step, item.local,
-                        item.local_offsets[owner] + step, piece_lengths)
-
-
 def _chunks(items: Sequence[TransferItem], capacity: int
             ) -> Iterator[List[Tuple[TransferItem, slice, torch.Tensor]]]:
     """Groups of (item, slice of its segments, their packed offsets in the buffer), each
-    group filling at most `capacity` bytes."""
-    chunk: List[Tuple[TransferItem, slice, torch.Tensor]] = []
-    used = 0
-    for item in items:
-        item = split_segments(item, capacity)
-        ends = torch.cumsum(item.lengths, 0)
-        start, count = 0, item.lengths.numel()
-        while start < count:
-            base = int(ends[start - 1]) if start else 0
-            # Segments [start, stop) fit into what is left of the buffer.
-            stop = int(torch.searchsorted(ends, base + capacity - used, right=True))
-            if stop == start:  # not even one more segment fits: flush
-                yield chunk
-                chunk, used = [], 0
-                continue
-            part = slice(start, stop)
-            packed = used + (ends[part] - item.lengths[part]) - base
-            chunk.append((item, part, packed))
-            used += int(ends[stop - 1]) - base
-            start = stop
-    if chunk:
-        yield chunk
+    group filling at most `capacity` bytes; segments longer than the buffer are split."""
+    split = [_split(item, capacity) for item in items]
+    for chunk in pack([item.lengths for item in split], capacity):
+        yield [(split[index], part, packed) for index, part, packed in chunk]
+
+
+def _split(item: TransferItem, max_bytes: int) -> TransferItem:
+    lengths, (remote_offsets, local_offsets) = split_segments(
+        item.lengths, max_bytes, item.remote_offsets, item.local_offsets)
+    if lengths is item.lengths:
+        return item
+    return TransferItem(item.region, remote_offsets, item.local, local_offsets, lengths)

@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from .status import LLMStatusCode, fail
+from ..status import LLMStatusCode, fail
 
 logger = logging.getLogger(__name__)
 

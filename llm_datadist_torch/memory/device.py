@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .status import LLMStatusCode, fail
+from ..status import LLMStatusCode, fail
 
 logger = logging.getLogger(__name__)
 

@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
-from ._checks import check_isinstance, check_uint32, check_uint64
-from ._remote_ops import RemoteRef
-from .keys import INVALID_ID, BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex
-from .status import raise_if_false
-from .transfer_types import check_strict_layer_range, pull_layer_ranges_to_tensor_indices
+from .._checks import check_isinstance, check_uint32, check_uint64
+from .remote_ref import RemoteRef
+from ..keys import INVALID_ID, BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex
+from ..status import raise_if_false
+from ..transfer_types import check_strict_layer_range, pull_layer_ranges_to_tensor_indices
 
 
 def tensor_num_per_layer(value) -> int:

@@ -24,7 +24,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from .status import LLMStatusCode, fail
+from ...status import LLMStatusCode, fail
 
 logger = logging.getLogger(__name__)
 

@@ -11,143 +11,36 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
-import socket
 import threading
 import time
-import queue
-from typing import Dict, List, Optional, Set, Tuple
+from typing import Dict, List, Optional, Tuple
 
-from ._engine import Engine
-from ._options import force_staging
-from ._serving import Responder
-from .configs import LLMClusterInfo, ip_int_to_str
-from .control.host import local_host_id
-from .control.messages import (Ack, Hello, HelloReply, Invalidate, Locate, Message,
-                               MooncakeEndpoint, Ping, Pong, PROTOCOL_VERSION, Release, Resolve,
-                               Resolved, StageArea, Staged, StageRead, StageWrite, Unlink)
-from .control.rpc_client import RpcClient
-from .control.rpc_server import RpcServer
-from .status import LLMException, LLMStatusCode, fail
-from .transport import choose_transport
-from .transport.base import MemoryRegion, Peer, Transport
+from ..configs import LLMClusterInfo, ip_int_to_str
+from ..core.engine import Engine
+from ..status import LLMException, LLMStatusCode, fail
+from ..transport.base import Peer
+from ..transport.bounce import BounceBuffer
+from .host import local_host_id
+from .invalidation import Invalidator
+from .link import Link, endpoint, host_of, route_ip, specific
+from .messages import (Ack, Hello, HelloReply, Invalidate, Locate, Message, MooncakeEndpoint,
+                       Ping, Pong, Release, Resolve, StageArea, Staged, StageRead, StageWrite,
+                       Unlink)
+from .owner import Responder
+from .rpc_client import RpcClient
+from .rpc_server import RpcServer
 
 logger = logging.getLogger(__name__)
 
 SUCCESS = LLMStatusCode.LLM_SUCCESS
 MAX_CLUSTERS_PER_CALL = 16
-INVALIDATE_TIMEOUT_S = 0.5
-
-
-@dataclasses.dataclass(eq=False)
-class Link:
-    """One linked peer: how to reach its control server and how to move bytes to and from it."""
-
-    cluster_id: int
-    peer: Peer
-    rpc: Optional[RpcClient]
-    forced_transport: Optional[str]
-    broken: bool = False
-    transports: Dict[str, Transport] = dataclasses.field(default_factory=dict)
-    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    # Requester side: owner answers kept for keys that need no release (see _remote_ops).
-    descriptors: Dict[tuple, Resolved] = dataclasses.field(default_factory=dict)
-    # Owner side: cache ids whose answers this peer may have kept.
-    exported: Set[int] = dataclasses.field(default_factory=set)
-    # Requester side: one staged transfer at a time uses the owner's staging area.
-    staging_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
-    force_staging: bool = dataclasses.field(default_factory=force_staging)
-
-    def needs_staging(self, region: MemoryRegion) -> bool:
-        """Memory of another process that no transport reads directly: the owner's device memory."""
-        if self.peer.same_process:
-            return False
-        return self.force_staging or region.device != "cpu"
-
-    def ensure_usable(self) -> None:
-        if self.broken or self.rpc is None:
-            fail(LLMStatusCode.LLM_NOT_YET_LINK, "link with cluster %d is %s; unlink and link again",
-                 self.cluster_id, "broken by an earlier failure" if self.broken else "one-way")
-
-    def call(self, request: Message, timeout_s: float) -> Message:
-        self.ensure_usable()
-        try:
-            return self.rpc.call(request, max(timeout_s, 0.001))
-        except LLMException as exc:
-            if exc.status_code == LLMStatusCode.LLM_TIMEOUT:
-                self.broken = True  # spec §26.26: a timed-out link must be re-linked
-            raise
-
-    def descriptor(self, key: tuple) -> Optional[Resolved]:
-        with self.lock:
-            return self.descriptors.get(key)
-
-    def remember(self, key: tuple, reply: Resolved) -> None:
-        with self.lock:
-            self.descriptors[key] = reply
-
-    def forget(self, cache_ids) -> None:
-        with self.lock:
-            for key in [k for k, reply in self.descriptors.items() if reply.cache_id in cache_ids]:
-                del self.descriptors[key]
-
-    def check_alive(self) -> None:
-        """A same-host peer that died fails the next one-sided copy at once (no round trip)."""
-        self.ensure_usable()
-        if self.peer.same_host and not self.peer.same_process:
-            try:
-                os.kill(self.peer.pid, 0)
-            except ProcessLookupError:
-                self.broken = True
-                fail(LLMStatusCode.LLM_LINK_FAILED, "cluster %d (pid %d) is gone", self.cluster_id,
-                     self.peer.pid)
-            except PermissionError:
-                pass
-
-    def transport_for(self, region: MemoryRegion) -> Transport:
-        cls = choose_transport(self.peer, region, self.forced_transport)
-        with self.lock:
-            transport = self.transports.get(cls.name)
-            if transport is None:
-                transport = self.transports[cls.name] = cls(self.peer)
-            return transport
-
-    def close(self) -> None:
-        with self.lock:
-            transports, self.transports = list(self.transports.values()), {}
-        for transport in transports:
-            transport.close()
-        if self.rpc is not None:
-            self.rpc.close()
-
-
-def endpoint(ip: str, port: int) -> str:
-    return f"tcp://{ip}:{port}"
-
-
-def _host_of(address: str) -> str:
-    """"tcp://ip:port" -> "ip" ("" if it has no host part)."""
-    return address.split("://", 1)[-1].rsplit(":", 1)[0] if address else ""
-
-
-def _specific(ip: Optional[str]) -> bool:
-    return bool(ip) and ip not in ("0.0.0.0", "*", "::")
-
-
-def _route_ip(peer_host: str) -> str:
-    """The local address the kernel would use to reach `peer_host` (no packet is sent)."""
-    try:
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-            sock.connect((peer_host, 9))
-            return sock.getsockname()[0]
-    except OSError:
-        return "127.0.0.1"
 
 
 class LinkManager:
-    def __init__(self, engine: Engine, role: str):
+    def __init__(self, engine: Engine):
         self._engine = engine
-        self._role = role
         self._responder = Responder(engine)
+        self.bounce = BounceBuffer(engine)
         self._lock = threading.RLock()  # the link table; request handlers take it
         # Endpoint changes wait for the serving thread, so they must never hold `_lock`: the
         # serving thread may itself be waiting for `_lock` in a handler.
@@ -159,12 +52,14 @@ class LinkManager:
         self._host_id = local_host_id()
         self._agent = None  # this engine's Mooncake agent, started by the first link needing it
         self._agent_lock = threading.Lock()
+        self._handlers = {  # the owner side of every request a peer may send
+            Hello: self._accept, Resolve: self._on_resolve, Invalidate: self._on_invalidate,
+            StageArea: self._on_stage_area, StageRead: self._on_stage, StageWrite: self._on_stage,
+            Locate: self._on_locate, Release: self._on_release, Unlink: self._on_unlink,
+            MooncakeEndpoint: self._on_mooncake_endpoint, Ping: lambda _request: Pong(),
+        }
         self._server.start()
-        self._invalidations: "queue.Queue" = queue.Queue()
-        self._notifier = threading.Thread(target=self._send_invalidations, daemon=True,
-                                          name=f"llm_datadist_torch-notify-{engine.cluster_id}")
-        self._notifier.start()
-        engine.table.on_forget = self._on_forget
+        self._invalidator = Invalidator(engine, self._all_links)
         if engine.options.listen is not None:
             self.listen(*engine.options.listen)
 
@@ -175,10 +70,7 @@ class LinkManager:
 
     def _identity(self) -> dict:
         agent = self._agent
-        return dict(protocol_version=PROTOCOL_VERSION, cluster_id=self._engine.cluster_id,
-                    role=self._role, host_id=self._host_id, pid=os.getpid(),
-                    device_kind=self._engine.device.type,
-                    transports=["local", "shm", "cma"] + (["mooncake"] if agent else []),
+        return dict(cluster_id=self._engine.cluster_id, host_id=self._host_id, pid=os.getpid(),
                     mooncake_endpoint=agent.endpoint if agent else "",
                     mooncake_required=self._mooncake_forced())
 
@@ -197,13 +89,13 @@ class LinkManager:
         link_clusters, else at the address that routes to the peer."""
         with self._agent_lock:
             if self._agent is None:
-                from ._mooncake_agent import MooncakeAgent
-                ip = _host_of(self._listen or "")
-                if not _specific(ip):
+                from ..transport.mooncake.agent import MooncakeAgent
+                ip = host_of(self._listen or "")
+                if not specific(ip):
                     # A loopback local IP cannot be reached from a peer that is not local.
-                    usable = _specific(local_ip) and not (
+                    usable = specific(local_ip) and not (
                         local_ip.startswith("127.") and not peer_host.startswith("127."))
-                    ip = local_ip if usable else _route_ip(peer_host or "127.0.0.1")
+                    ip = local_ip if usable else route_ip(peer_host or "127.0.0.1")
                 self._agent = MooncakeAgent(self._engine, ip)
             return self._agent
 
@@ -228,7 +120,8 @@ class LinkManager:
                 except LLMException:
                     pass
                 raise
-        return Link(reply.cluster_id, self._peer(reply), rpc, self._engine.options.transfer_backend)
+        return Link(reply.cluster_id, self._peer(reply), rpc, self._engine.options.transfer_backend,
+                    self.bounce)
 
     def listen(self, ip: str, port: int) -> None:
         """Serve on ip:port (replacing an earlier listen endpoint on another port)."""
@@ -258,7 +151,7 @@ class LinkManager:
         """Handshake with the server at `address` and keep the link (used by `link()`)."""
         deadline = time.monotonic() + timeout_s
         try:
-            hello = self._hello(_host_of(address))
+            hello = self._hello(host_of(address))
         except LLMException as exc:
             return exc.status_code
         rpc = RpcClient(address)
@@ -271,7 +164,7 @@ class LinkManager:
             rpc.close()
             return LLMStatusCode.LLM_LINK_FAILED
         try:
-            link = self._complete(rpc, hello, reply, _host_of(address), None, deadline)
+            link = self._complete(rpc, hello, reply, host_of(address), None, deadline)
         except LLMException as exc:
             rpc.close()
             return exc.status_code
@@ -313,6 +206,10 @@ class LinkManager:
                  self._engine.cluster_id, cluster_id)
         return link
 
+    def _all_links(self) -> List[Link]:
+        with self._lock:
+            return list(self._links.values())
+
     def has_links(self) -> bool:
         with self._lock:
             return bool(self._links)
@@ -339,7 +236,7 @@ class LinkManager:
         return link is not None
 
     def _grant_access(self) -> None:
-        from .transport.cma import grant_access
+        from ..transport.cma import grant_access
         with self._lock:
             grant_access({link.peer.pid for link in self._links.values() if not link.peer.same_process})
 
@@ -434,49 +331,56 @@ class LinkManager:
 
     # ---- server side -----------------------------------------------------------------------
     def _handle(self, request: Message, _peer_identity: bytes) -> Message:
-        if isinstance(request, Resolve):
-            link = self.get(request.requester)  # only linked peers may ask for memory locations
-            reply = self._responder.resolve(request)
-            if reply.release_key is None:
-                with link.lock:
-                    link.exported.add(reply.cache_id)
-            return reply
-        if isinstance(request, Invalidate):
-            with self._lock:
-                link = self._links.get(request.owner)
-            if link is not None:
-                link.forget(set(request.cache_ids))
-            return Ack()
-        if isinstance(request, StageArea):
-            self.get(request.requester)
-            return Staged(region=self._responder.staging_area(request.requester))
-        if isinstance(request, StageRead):  # StageWrite too (a subclass)
-            self.get(request.requester)
-            return Staged(region=self._responder.stage(request, not isinstance(request, StageWrite)))
-        if isinstance(request, Locate):
-            self.get(request.requester)
-            return self._responder.locate(request)
-        if isinstance(request, Release):
-            self.get(request.requester)
-            self._responder.release(request)
-            return Ack()
-        if isinstance(request, Hello):
-            return self._accept(request)
-        if isinstance(request, Unlink):
-            self._drop(request.requester)
-            return Ack()
-        if isinstance(request, MooncakeEndpoint):
-            link = self.get(request.requester)
+        handler = self._handlers.get(type(request))
+        if handler is None:
+            fail(LLMStatusCode.LLM_PARAM_INVALID, "unexpected request %s", type(request).__name__)
+        return handler(request)
+
+    def _on_resolve(self, request: Resolve) -> Message:
+        link = self.get(request.requester)  # only linked peers may ask for memory locations
+        reply = self._responder.resolve(request)
+        if reply.release_key is None:
             with link.lock:
-                link.peer = dataclasses.replace(link.peer, mooncake_endpoint=request.endpoint,
-                                                mooncake_agent=self._agent)
-                stale = link.transports.pop("mooncake", None)
-            if stale is not None:
-                stale.close()
-            return Ack()
-        if isinstance(request, Ping):
-            return Pong()
-        fail(LLMStatusCode.LLM_PARAM_INVALID, "unexpected request %s", type(request).__name__)
+                link.exported.add(reply.cache_id)
+        return reply
+
+    def _on_invalidate(self, request: Invalidate) -> Message:
+        with self._lock:
+            link = self._links.get(request.owner)
+        if link is not None:
+            link.forget(set(request.cache_ids))
+        return Ack()
+
+    def _on_stage_area(self, request: StageArea) -> Message:
+        self.get(request.requester)
+        return Staged(region=self._responder.staging_area(request.requester))
+
+    def _on_stage(self, request: StageRead) -> Message:
+        self.get(request.requester)
+        return Staged(region=self._responder.stage(request, type(request) is StageRead))
+
+    def _on_locate(self, request: Locate) -> Message:
+        self.get(request.requester)
+        return self._responder.locate(request)
+
+    def _on_release(self, request: Release) -> Message:
+        self.get(request.requester)
+        self._responder.release(request)
+        return Ack()
+
+    def _on_unlink(self, request: Unlink) -> Message:
+        self._drop(request.requester)
+        return Ack()
+
+    def _on_mooncake_endpoint(self, request: MooncakeEndpoint) -> Message:
+        link = self.get(request.requester)
+        with link.lock:
+            link.peer = dataclasses.replace(link.peer, mooncake_endpoint=request.endpoint,
+                                            mooncake_agent=self._agent)
+            stale = link.transports.pop("mooncake", None)
+        if stale is not None:
+            stale.close()
+        return Ack()
 
     def _accept(self, hello: Hello) -> HelloReply:
         identity = self._identity()
@@ -485,54 +389,22 @@ class LinkManager:
                               message="a cluster cannot link with its own cluster_id", **identity)
         if self._needs_mooncake(hello):
             try:
-                self._start_mooncake(_host_of(hello.reply_endpoint))
+                self._start_mooncake(host_of(hello.reply_endpoint))
             except LLMException as exc:
                 return HelloReply(accepted=False, status_code=int(exc.status_code),
                                   message=str(exc), **identity)
             identity = self._identity()  # now with our endpoint
         # A client that links again (e.g. after a restart) replaces whatever we still hold.
         rpc = RpcClient(hello.reply_endpoint) if hello.reply_endpoint else None
-        self._add(Link(hello.cluster_id, self._peer(hello), rpc, self._engine.options.transfer_backend))
+        self._add(Link(hello.cluster_id, self._peer(hello), rpc,
+                       self._engine.options.transfer_backend, self.bounce))
         logger.info("cluster %d accepted a link from cluster %d (pid %d)", self._engine.cluster_id,
                     hello.cluster_id, hello.pid)
         return HelloReply(accepted=True, status_code=int(SUCCESS), **identity)
 
     # ---- shutdown --------------------------------------------------------------------------
-    # ---- telling peers what they must forget -------------------------------------------------
-    def _on_forget(self, entry) -> None:
-        """(Table lock held.) Peers that may have kept an answer about `entry` must drop it
-        before its memory can be reused: hold the memory until they were told."""
-        with self._lock:
-            links = [link for link in self._links.values() if entry.cache_id in link.exported]
-        if links:
-            self._invalidations.put((entry.cache_id, links, self._engine.table.hold([entry])))
-
-    def _send_invalidations(self) -> None:
-        while True:
-            job = self._invalidations.get()
-            if job is None:
-                return
-            cache_id, links, release = job
-            for link in links:
-                with link.lock:
-                    link.exported.discard(cache_id)
-                if link.rpc is not None and not link.broken:
-                    try:
-                        link.rpc.call(Invalidate(owner=self._engine.cluster_id, cache_ids=[cache_id]),
-                                      INVALIDATE_TIMEOUT_S)
-                    except LLMException as exc:
-                        logger.warning("could not tell cluster %d that cache %d is gone: %s",
-                                       link.cluster_id, cache_id, exc)
-            release()
-
     def close(self) -> None:
-        self._engine.table.on_forget = None
-        self._invalidations.put(None)
-        self._notifier.join(timeout=10)
-        while not self._invalidations.empty():  # jobs queued after the sentinel: free their memory
-            job = self._invalidations.get_nowait()
-            if job is not None:
-                job[2]()
+        self._invalidator.close()
         self._server.close()
         self._responder.close()
         with self._lock:
@@ -544,6 +416,7 @@ class LinkManager:
             agent, self._agent = self._agent, None
         if agent is not None:
             agent.close()
+        self.bounce.close()
 
 
 def _overall(results: List[LLMStatusCode]) -> LLMStatusCode:

@@ -14,19 +14,18 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from . import _C
-from ._arena import MemoryArena
-from ._bounce import BounceBuffer
-from ._cache_table import CacheEntry, CacheTable
-from ._device import device_range_allocated, resolve_device
-from ._options import EngineOptions, strict_limits
-from ._pool import MemoryPool
-from ._rwlock import ReadWriteLock
-from .cache_desc import CacheDesc
-from .data_type import DataType, itemsize, to_torch_dtype
-from .enums import Placement
-from .keys import CacheKey
-from .status import LLMStatusCode, fail, raise_if_false
+from .. import _C
+from ..memory.arena import MemoryArena
+from .cache_table import CacheEntry, CacheTable
+from ..memory.device import device_range_allocated, resolve_device
+from .options import EngineOptions, strict_limits
+from ..memory.pool import MemoryPool
+from .rwlock import ReadWriteLock
+from ..cache_desc import CacheDesc
+from ..data_type import DataType, itemsize, to_torch_dtype
+from ..enums import Placement
+from ..keys import CacheKey
+from ..status import LLMStatusCode, fail, raise_if_false
 
 logger = logging.getLogger(__name__)
 
@@ -71,9 +70,8 @@ class Engine:
         self._state = ReadWriteLock()
         self.closed = False
         # Told (under the table lock) when remote-accessible memory comes and goes: the Mooncake
-        # agent, once a link started it (_mooncake_agent.py).
+        # agent, once a link started it (transport/mooncake/agent.py).
         self.memory_listener = None
-        self.bounce = BounceBuffer(self)  # local device memory a transport cannot reach
         try:
             for placement, config in ((Placement.DEVICE, options.mem_pool),
                                       (Placement.HOST, options.host_mem_pool)):
@@ -103,7 +101,6 @@ class Engine:
                 return
             self.closed = True
             self.table.clear()
-            self.bounce.close()
             self._close_pools()
             self.registry = None
 
@@ -234,15 +231,6 @@ class Engine:
                 listener.memory_removed(cache_id)
             release()
         return run
-
-    def region(self, entry: CacheEntry, index: int):
-        """Where tensor `index` of `entry` lives, as a peer needs to know it."""
-        from .transport.base import MemoryRegion
-        raw = entry.raw[index]
-        address = raw.data_ptr()
-        shm_offset = address - entry.shm_base if entry.shm_name else 0
-        return MemoryRegion(address=address, nbytes=raw.numel(), device=str(raw.device),
-                            shm_name=entry.shm_name, shm_offset=shm_offset)
 
     # ---- views -----------------------------------------------------------------------------
     def tensor_view(self, entry: CacheEntry, index: int) -> torch.Tensor:

@@ -9,12 +9,12 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from . import _C
-from ._cache_table import CacheEntry
-from ._engine import Engine
-from ._segments import SegmentBatch, copy_batches
-from .enums import Placement
-from .status import LLMStatusCode, raise_if_false
+from .. import _C
+from ..core.cache_table import CacheEntry
+from ..core.engine import Engine
+from ..memory.copy import SegmentBatch, copy_batches
+from ..enums import Placement
+from ..status import LLMStatusCode, raise_if_false
 
 PARAM = LLMStatusCode.LLM_PARAM_INVALID
 

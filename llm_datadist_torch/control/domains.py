@@ -18,9 +18,9 @@ import threading
 import time
 from typing import Dict, Optional
 
-from ._links import LinkManager, endpoint
-from .enums import RegisterMemStatus
-from .status import LLMStatusCode, fail, raise_if_false
+from .links import LinkManager, endpoint
+from ..enums import RegisterMemStatus
+from ..status import LLMStatusCode, fail, raise_if_false
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,64 @@
+"""Telling peers what they must forget: when a cache that a peer may have kept an answer about
+goes away (or its key is rebound), the owner tells that peer, and holds the memory until then."""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from typing import Callable, List
+
+from ..core.engine import Engine
+from ..status import LLMException
+from .link import Link
+from .messages import Invalidate
+
+logger = logging.getLogger(__name__)
+
+INVALIDATE_TIMEOUT_S = 0.5
+
+
+class Invalidator:
+    """One thread per engine sends the notices, so the table lock is never held over a call."""
+
+    def __init__(self, engine: Engine, links: Callable[[], List[Link]]):
+        self._engine = engine
+        self._links = links
+        self._jobs: "queue.Queue" = queue.Queue()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"llm_datadist_torch-notify-{engine.cluster_id}")
+        self._thread.start()
+        engine.table.on_forget = self._on_forget
+
+    def _on_forget(self, entry) -> None:
+        """(Table lock held.) Peers that may have kept an answer about `entry` must drop it
+        before its memory can be reused: hold the memory until they were told."""
+        links = [link for link in self._links() if entry.cache_id in link.exported]
+        if links:
+            self._jobs.put((entry.cache_id, links, self._engine.table.hold([entry])))
+
+    def _run(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            cache_id, links, release = job
+            for link in links:
+                with link.lock:
+                    link.exported.discard(cache_id)
+                if link.rpc is not None and not link.broken:
+                    try:
+                        link.rpc.call(Invalidate(owner=self._engine.cluster_id, cache_ids=[cache_id]),
+                                      INVALIDATE_TIMEOUT_S)
+                    except LLMException as exc:
+                        logger.warning("could not tell cluster %d that cache %d is gone: %s",
+                                       link.cluster_id, cache_id, exc)
+            release()
+
+    def close(self) -> None:
+        self._engine.table.on_forget = None
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
+        while not self._jobs.empty():  # jobs queued after the sentinel: free their memory
+            job = self._jobs.get_nowait()
+            if job is not None:
+                job[2]()

@@ -1,0 +1,124 @@
+"""One link with a peer cluster: how to reach its control server, how to move bytes to and
+from it, and what each side keeps about the other."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import threading
+from typing import Dict, Optional, Set
+
+from ..core.descriptors import Region
+from ..core.options import force_staging
+from ..status import LLMException, LLMStatusCode, fail
+from ..transport import choose_transport
+from ..transport.base import Peer, Transport
+from ..transport.bounce import BounceBuffer
+from .messages import Message, Resolved
+from .rpc_client import RpcClient
+
+
+@dataclasses.dataclass(eq=False)
+class Link:
+    """One linked peer: how to reach its control server and how to move bytes to and from it."""
+
+    cluster_id: int
+    peer: Peer
+    rpc: Optional[RpcClient]
+    forced_transport: Optional[str]
+    bounce: BounceBuffer  # the engine's: local device memory a transport cannot reach
+    broken: bool = False
+    transports: Dict[str, Transport] = dataclasses.field(default_factory=dict)
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    # Requester side: owner answers kept for keys that need no release (see ops/remote_ops.py).
+    descriptors: Dict[tuple, Resolved] = dataclasses.field(default_factory=dict)
+    # Owner side: cache ids whose answers this peer may have kept.
+    exported: Set[int] = dataclasses.field(default_factory=set)
+    # Requester side: one staged transfer at a time uses the owner's staging area.
+    staging_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    force_staging: bool = dataclasses.field(default_factory=force_staging)
+
+    def needs_staging(self, region: Region) -> bool:
+        """Memory of another process that no transport reads directly: the owner's device memory."""
+        if self.peer.same_process:
+            return False
+        return self.force_staging or region.device != "cpu"
+
+    def ensure_usable(self) -> None:
+        if self.broken or self.rpc is None:
+            fail(LLMStatusCode.LLM_NOT_YET_LINK, "link with cluster %d is %s; unlink and link again",
+                 self.cluster_id, "broken by an earlier failure" if self.broken else "one-way")
+
+    def call(self, request: Message, timeout_s: float) -> Message:
+        self.ensure_usable()
+        try:
+            return self.rpc.call(request, max(timeout_s, 0.001))
+        except LLMException as exc:
+            if exc.status_code == LLMStatusCode.LLM_TIMEOUT:
+                self.broken = True  # spec §26.26: a timed-out link must be re-linked
+            raise
+
+    def descriptor(self, key: tuple) -> Optional[Resolved]:
+        with self.lock:
+            return self.descriptors.get(key)
+
+    def remember(self, key: tuple, reply: Resolved) -> None:
+        with self.lock:
+            self.descriptors[key] = reply
+
+    def forget(self, cache_ids) -> None:
+        with self.lock:
+            for key in [k for k, reply in self.descriptors.items() if reply.cache_id in cache_ids]:
+                del self.descriptors[key]
+
+    def check_alive(self) -> None:
+        """A same-host peer that died fails the next one-sided copy at once (no round trip)."""
+        self.ensure_usable()
+        if self.peer.same_host and not self.peer.same_process:
+            try:
+                os.kill(self.peer.pid, 0)
+            except ProcessLookupError:
+                self.broken = True
+                fail(LLMStatusCode.LLM_LINK_FAILED, "cluster %d (pid %d) is gone", self.cluster_id,
+                     self.peer.pid)
+            except PermissionError:
+                pass
+
+    def transport_for(self, region: Region) -> Transport:
+        cls = choose_transport(self.peer, region, self.forced_transport)
+        with self.lock:
+            transport = self.transports.get(cls.name)
+            if transport is None:
+                transport = self.transports[cls.name] = cls(self.peer)
+            return transport
+
+    def close(self) -> None:
+        with self.lock:
+            transports, self.transports = list(self.transports.values()), {}
+        for transport in transports:
+            transport.close()
+        if self.rpc is not None:
+            self.rpc.close()
+
+
+def endpoint(ip: str, port: int) -> str:
+    return f"tcp://{ip}:{port}"
+
+
+def host_of(address: str) -> str:
+    """"tcp://ip:port" -> "ip" ("" if it has no host part)."""
+    return address.split("://", 1)[-1].rsplit(":", 1)[0] if address else ""
+
+
+def specific(ip: Optional[str]) -> bool:
+    return bool(ip) and ip not in ("0.0.0.0", "*", "::")
+
+
+def route_ip(peer_host: str) -> str:
+    """The local address the kernel would use to reach `peer_host` (no packet is sent)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((peer_host, 9))
+            return sock.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"

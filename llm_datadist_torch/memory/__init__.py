@@ -1,0 +1,2 @@
+"""Where bytes live and how they are copied inside a process: device resolution, arenas, pools,
+the copy executor."""
