@@ -14,7 +14,7 @@ from typing import List, Optional, Sequence
 
 import torch
 
-from .. import _C
+from ..memory.native import _C
 from ..memory.arena import MemoryArena
 from .cache_table import CacheEntry, CacheTable
 from ..memory.device import device_range_allocated, resolve_device

@@ -15,7 +15,7 @@ from typing import List, Sequence
 import numpy as np
 import torch
 
-from .. import _C
+from .native import _C
 from ..status import LLMStatusCode, fail
 
 COPY_THREADS = max(1, int(os.environ.get("LLM_DATADIST_TORCH_COPY_THREADS", "2")))

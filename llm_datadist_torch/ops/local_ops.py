@@ -9,7 +9,7 @@ from typing import List, Sequence, Tuple
 
 import torch
 
-from .. import _C
+from ..memory.native import _C
 from ..core.cache_table import CacheEntry
 from ..core.engine import Engine
 from ..memory.copy import SegmentBatch, copy_batches

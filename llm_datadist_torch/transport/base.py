@@ -23,7 +23,7 @@ from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .. import _C
+from ..memory.native import _C
 from ..memory.copy import SegmentBatch, copy_addresses, copy_batches
 from ..core.descriptors import Region
 from ..status import LLMStatusCode, fail

@@ -13,7 +13,7 @@ import logging
 import threading
 from typing import List, Optional, Set
 
-from .. import _C
+from ..memory.native import _C
 from ..memory.copy import COPY_THREADS, SORT_MIN_SEGMENTS, ascending
 from ..status import LLMStatusCode, fail
 from ..core.descriptors import Region
