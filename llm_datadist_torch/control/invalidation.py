@@ -47,7 +47,7 @@ class Invalidator:
                     link.exported.discard(cache_id)
                 if link.rpc is not None and not link.broken:
                     try:
-                        link.rpc.call(Invalidate(owner=self._engine.cluster_id, cache_ids=[cache_id]),
+                        link.rpc.call(Invalidate(session=link.session, cache_ids=[cache_id]),
                                       INVALIDATE_TIMEOUT_S)
                     except LLMException as exc:
                         logger.warning("could not tell cluster %d that cache %d is gone: %s",

@@ -3,17 +3,20 @@ from it, and what each side keeps about the other."""
 from __future__ import annotations
 
 import dataclasses
-import os
 import socket
 import threading
 from typing import Dict, Optional, Set
 
+import msgspec
+
 from ..core.descriptors import Region
 from ..core.options import force_staging
+from ..memory.arena import PID_NAMESPACE, SHM_PREFIX
 from ..status import LLMException, LLMStatusCode, fail
 from ..transport import choose_transport
 from ..transport.base import Peer, Transport
 from ..transport.bounce import BounceBuffer
+from .identity import start_time
 from .messages import Message, Resolved
 from .rpc_client import RpcClient
 
@@ -27,6 +30,8 @@ class Link:
     rpc: Optional[RpcClient]
     forced_transport: Optional[str]
     bounce: BounceBuffer  # the engine's: local device memory a transport cannot reach
+    session: bytes = b""  # the peer's token for this link: every request to the peer carries it
+    start_time: Optional[int] = None  # of the peer's pid, when proven on this host (pid reuse)
     broken: bool = False
     transports: Dict[str, Transport] = dataclasses.field(default_factory=dict)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
@@ -72,19 +77,28 @@ class Link:
                 del self.descriptors[key]
 
     def check_alive(self) -> None:
-        """A same-host peer that died fails the next one-sided copy at once (no round trip)."""
+        """A same-host peer that died (or whose pid now names another process) fails the next
+        one-sided copy at once, with no round trip."""
         self.ensure_usable()
-        if self.peer.same_host and not self.peer.same_process:
-            try:
-                os.kill(self.peer.pid, 0)
-            except ProcessLookupError:
-                self.broken = True
-                fail(LLMStatusCode.LLM_LINK_FAILED, "cluster %d (pid %d) is gone", self.cluster_id,
-                     self.peer.pid)
-            except PermissionError:
-                pass
+        if self.peer.same_host and not self.peer.same_process \
+                and start_time(self.peer.pid) != self.start_time:
+            self.broken = True
+            fail(LLMStatusCode.LLM_LINK_FAILED, "cluster %d (pid %d) is gone; link again once it "
+                 "is back", self.cluster_id, self.peer.pid)
+
+    def shm_allowed(self, region: Region) -> Region:
+        """`region` as the transports may use it: a /dev/shm file only if it is one of the peer's
+        own (named for its proven pid in our pid namespace), else without the file."""
+        if region.shm_name and not region.shm_name.startswith(self.shm_prefix):
+            return msgspec.structs.replace(region, shm_name="", shm_offset=0)
+        return region
+
+    @property
+    def shm_prefix(self) -> str:
+        return f"{SHM_PREFIX}.{self.peer.pid}.{PID_NAMESPACE}." if self.peer.same_host else "\0"
 
     def transport_for(self, region: Region) -> Transport:
+        """The transport for `region` (already passed through `shm_allowed`)."""
         cls = choose_transport(self.peer, region, self.forced_transport)
         with self.lock:
             transport = self.transports.get(cls.name)

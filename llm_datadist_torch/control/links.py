@@ -1,9 +1,14 @@
-"""Links between clusters: the control-plane server, the handshake and the link table.
+"""Links between clusters: the control-plane server, both sides of the handshake, the table.
 
-Every initialized v2 `LLMDataDist` runs one `RpcServer`. A server (`listen_ip_info`) binds it
-to its listen endpoint; a client binds it to an ephemeral port on its local IP at its first
+Every initialized `LLMDataDist` runs one `RpcServer`. A server (`listen_ip_info`) binds it to
+its listen endpoint; a client binds it to an ephemeral port on its local IP at its first
 `link_clusters`, and sends that endpoint in the handshake so the peer can call back: links are
 bidirectional, either side may pull or push. Data never goes through this channel.
+
+The handshake gives each side a secret session token that the other puts in every later
+request (serving.py serves a request as the link of its token, nothing else), and proves
+"same process" and "same host" from local facts (identity.py): the peer's pid and host id are
+claims, used only for what a wrong claim cannot abuse.
 """
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import concurrent.futures
 import dataclasses
 import logging
 import os
+import secrets
 import threading
 import time
 from typing import Dict, List, Optional, Tuple
@@ -20,20 +26,28 @@ from ..core.engine import Engine
 from ..status import LLMException, LLMStatusCode, fail
 from ..transport.base import Peer
 from ..transport.bounce import BounceBuffer
+from . import identity
 from .host import local_host_id
 from .invalidation import Invalidator
 from .link import Link, endpoint, host_of, route_ip, specific
-from .messages import (Ack, Hello, HelloReply, Invalidate, Locate, Message, MooncakeEndpoint,
-                       Ping, Pong, Release, Resolve, StageArea, Staged, StageRead, StageWrite,
-                       Unlink)
+from .messages import Ack, Hello, HelloReply, Message, MooncakeEndpoint, Ping, Proof, Unlink
 from .owner import Responder
 from .rpc_client import RpcClient
 from .rpc_server import RpcServer
+from .serving import Serving
 
 logger = logging.getLogger(__name__)
 
 SUCCESS = LLMStatusCode.LLM_SUCCESS
 MAX_CLUSTERS_PER_CALL = 16
+# Links one engine holds at most: each holds a socket, so a flood of handshakes must not take
+# every file descriptor of the process.
+MAX_LINKS = int(os.environ.get("LLM_DATADIST_TORCH_MAX_LINKS", "256"))
+# A handshake naming a cluster that is linked already asks the old peer whether it still holds
+# the link (an impostor must not displace a live peer); at most once a second per cluster.
+LIVENESS_TIMEOUT_S = 0.2
+LIVENESS_INTERVAL_S = 1.0
+SESSION_BYTES = 16
 
 
 class LinkManager:
@@ -46,18 +60,16 @@ class LinkManager:
         # serving thread may itself be waiting for `_lock` in a handler.
         self._endpoints_lock = threading.Lock()
         self._links: Dict[int, Link] = {}
-        self._server = RpcServer(self._handle, name=f"llm_datadist_torch-{engine.cluster_id}")
+        self._sessions: Dict[bytes, Link] = {}  # tokens this side issued -> their link
+        self._proofs: Dict[Link, Tuple[identity.ProofFile, bytes]] = {}  # asked, not yet given
+        self._liveness_checked: Dict[int, float] = {}
+        self._server = RpcServer(Serving(self, self._responder).handle,
+                                 name=f"llm_datadist_torch-{engine.cluster_id}")
         self._listen: Optional[str] = None    # public endpoint (listen_ip_info)
         self._callback: Optional[str] = None  # ephemeral endpoint of a client
         self._host_id = local_host_id()
         self._agent = None  # this engine's Mooncake agent, started by the first link needing it
         self._agent_lock = threading.Lock()
-        self._handlers = {  # the owner side of every request a peer may send
-            Hello: self._accept, Resolve: self._on_resolve, Invalidate: self._on_invalidate,
-            StageArea: self._on_stage_area, StageRead: self._on_stage, StageWrite: self._on_stage,
-            Locate: self._on_locate, Release: self._on_release, Unlink: self._on_unlink,
-            MooncakeEndpoint: self._on_mooncake_endpoint, Ping: lambda _request: Pong(),
-        }
         self._server.start()
         self._invalidator = Invalidator(engine, self._all_links)
         if engine.options.listen is not None:
@@ -77,6 +89,10 @@ class LinkManager:
     # ---- Mooncake (cross-host data plane) --------------------------------------------------
     def _mooncake_forced(self) -> bool:
         return self._engine.options.transfer_backend == "mooncake"
+
+    @property
+    def mooncake_agent(self):
+        return self._agent
 
     def _needs_mooncake(self, their) -> bool:
         """A link needs agents on both ends if either side forces mooncake or the hosts differ."""
@@ -99,29 +115,74 @@ class LinkManager:
                 self._agent = MooncakeAgent(self._engine, ip)
             return self._agent
 
-    def _hello(self, peer_host: str, local_ip: Optional[str] = None) -> Hello:
+    # ---- client side of the handshake -------------------------------------------------------
+    def _link_to(self, address: str, peer_host: str, local_ip: Optional[str],
+                 deadline: float) -> Link:
+        """Handshake with the server at `address`; the link, added to the table.
+
+        `LLMException` with the status to report when the server refuses, does not answer, or
+        claims to share this host without proving it."""
         if self._mooncake_forced():
             self._start_mooncake(peer_host, local_ip)  # so the server learns our endpoint now
-        return Hello(reply_endpoint=self.reply_endpoint, **self._identity())
-
-    def _complete(self, rpc: RpcClient, hello: Hello, reply: HelloReply, peer_host: str,
-                  local_ip: Optional[str], deadline: float) -> Link:
-        """Client side of an accepted handshake: start our agent if the link needs one and the
-        server does not know it yet (then tell it), and build the link."""
-        if self._needs_mooncake(reply) and not hello.mooncake_endpoint:
+        challenge = identity.new_challenge()
+        token = secrets.token_bytes(SESSION_BYTES)
+        hello = Hello(reply_endpoint=self.reply_endpoint, challenge=challenge, session=token,
+                      **self._identity())
+        rpc = RpcClient(address)
+        try:
             try:
-                agent = self._start_mooncake(peer_host, local_ip)
-                rpc.call(MooncakeEndpoint(requester=self._engine.cluster_id,
-                                          endpoint=agent.endpoint),
-                         max(deadline - time.monotonic(), 0.001))
+                reply = rpc.call(hello, max(deadline - time.monotonic(), 0.001))
+            except LLMException as exc:
+                fail(LLMStatusCode.LLM_LINK_FAILED, "no handshake with %s: %s", address, exc)
+            if not isinstance(reply, HelloReply) or not reply.accepted:
+                code = reply.status_code if isinstance(reply, HelloReply) else LLMStatusCode.LLM_LINK_FAILED
+                fail(LLMStatusCode(code), "%s refused the link: %s", address,
+                     getattr(reply, "message", reply))
+            try:
+                link = self._complete(rpc, hello, reply, peer_host, local_ip, deadline)
             except LLMException:
                 try:  # the server already holds a link with us: drop it (best effort)
-                    rpc.call(Unlink(requester=self._engine.cluster_id), 0.5)
+                    rpc.call(Unlink(session=reply.session), 0.5)
                 except LLMException:
                     pass
                 raise
-        return Link(reply.cluster_id, self._peer(reply), rpc, self._engine.options.transfer_backend,
-                    self.bounce)
+        except BaseException:
+            rpc.close()
+            raise
+        finally:
+            identity.forget(challenge)
+        self._add(link, token)
+        return link
+
+    def _complete(self, rpc: RpcClient, hello: Hello, reply: HelloReply, peer_host: str,
+                  local_ip: Optional[str], deadline: float) -> Link:
+        """Client side of an accepted handshake: check what the server claims about sharing our
+        process or host, prove ours, start our Mooncake agent if the link needs one and the
+        server does not know it yet (then tell it), and build the link."""
+        same_process = identity.answered_locally(hello.challenge) and reply.pid == os.getpid()
+        start = None
+        if not same_process and reply.host_id == self._host_id:
+            proven, why = identity.verify_proof(hello.challenge, reply.pid, reply.proof_name,
+                                                reply.proof_fd)
+            if not proven:
+                fail(LLMStatusCode.LLM_LINK_FAILED, "cluster %d says it shares this host (pid "
+                     "%d) but did not prove it: %s", reply.cluster_id, reply.pid, why)
+            start = identity.start_time(reply.pid)
+            proof = identity.ProofFile(reply.challenge)
+            try:
+                rpc.call(Proof(session=reply.session, proof_name=proof.name, proof_fd=proof.fd),
+                         max(deadline - time.monotonic(), 0.001))
+            finally:
+                proof.close()
+        if self._needs_mooncake(reply) and not hello.mooncake_endpoint:
+            agent = self._start_mooncake(peer_host, local_ip)
+            rpc.call(MooncakeEndpoint(session=reply.session, endpoint=agent.endpoint),
+                     max(deadline - time.monotonic(), 0.001))
+        peer = Peer(pid=reply.pid, same_process=same_process,
+                    same_host=same_process or start is not None,
+                    mooncake_endpoint=reply.mooncake_endpoint, mooncake_agent=self._agent)
+        return Link(reply.cluster_id, peer, rpc, self._engine.options.transfer_backend,
+                    self.bounce, session=reply.session, start_time=start)
 
     def listen(self, ip: str, port: int) -> None:
         """Serve on ip:port (replacing an earlier listen endpoint on another port)."""
@@ -149,26 +210,11 @@ class LinkManager:
 
     def connect(self, address: str, timeout_s: float) -> LLMStatusCode:
         """Handshake with the server at `address` and keep the link (used by `link()`)."""
-        deadline = time.monotonic() + timeout_s
         try:
-            hello = self._hello(host_of(address))
+            self._link_to(address, host_of(address), None, time.monotonic() + timeout_s)
         except LLMException as exc:
+            logger.info("link to %s failed: %s", address, exc)
             return exc.status_code
-        rpc = RpcClient(address)
-        try:
-            reply = rpc.call(hello, timeout_s)
-        except LLMException:
-            rpc.close()
-            return LLMStatusCode.LLM_LINK_FAILED
-        if not isinstance(reply, HelloReply) or not reply.accepted:
-            rpc.close()
-            return LLMStatusCode.LLM_LINK_FAILED
-        try:
-            link = self._complete(rpc, hello, reply, host_of(address), None, deadline)
-        except LLMException as exc:
-            rpc.close()
-            return exc.status_code
-        self._add(link)
         return SUCCESS
 
     def drop(self, cluster_id: int, notify_timeout_s: float = 0.0) -> None:
@@ -177,7 +223,7 @@ class LinkManager:
             link = self._links.get(cluster_id)
         if link is not None and notify_timeout_s > 0 and link.rpc is not None:
             try:
-                link.rpc.call(Unlink(requester=self._engine.cluster_id), notify_timeout_s)
+                link.rpc.call(Unlink(session=link.session), notify_timeout_s)
             except LLMException as exc:
                 logger.warning("could not tell cluster %d about the unlink: %s", cluster_id, exc)
         self._drop(cluster_id)
@@ -218,27 +264,54 @@ class LinkManager:
         with self._lock:
             return list(self._links)
 
-    def _add(self, link: Link) -> None:
+    def by_session(self, token: bytes) -> Optional[Link]:
+        with self._lock:
+            return self._sessions.get(token)
+
+    def _add(self, link: Link, token: bytes) -> None:
+        """Add `link`, reached by requests carrying `token`, replacing a link with its cluster."""
         with self._lock:
             old = self._links.pop(link.cluster_id, None)
             self._links[link.cluster_id] = link
+            self._sessions[token] = link
         if old is not None:
-            old.close()
+            self._forget(old)
         self._grant_access()
 
     def _drop(self, cluster_id: int) -> bool:
         with self._lock:
             link = self._links.pop(cluster_id, None)
-        self._responder.drop_staging(cluster_id)
         if link is not None:
-            link.close()
+            self._forget(link)
             self._grant_access()
         return link is not None
+
+    def drop_link(self, link: Link) -> None:
+        """Drop `link` if it is still the link of its cluster (an `Unlink` from its peer)."""
+        with self._lock:
+            if self._links.get(link.cluster_id) is link:
+                del self._links[link.cluster_id]
+        self._forget(link)
+        self._grant_access()
+
+    def _forget(self, link: Link) -> None:
+        """Close a link that left the table: its sessions, pending proof, staging area."""
+        with self._lock:
+            for token in [t for t, held in self._sessions.items() if held is link]:
+                del self._sessions[token]
+            proof = self._proofs.pop(link, None)
+            still_linked = link.cluster_id in self._links
+        if proof is not None:
+            proof[0].close()
+        if not still_linked:
+            self._responder.drop_staging(link.cluster_id)
+        link.close()
 
     def _grant_access(self) -> None:
         from ..transport.cma import grant_access
         with self._lock:
-            grant_access({link.peer.pid for link in self._links.values() if not link.peer.same_process})
+            grant_access({link.peer.pid for link in self._links.values()
+                          if link.peer.same_host and not link.peer.same_process})
 
     # ---- client side -----------------------------------------------------------------------
     def link_clusters(self, clusters: List[LLMClusterInfo], timeout_ms: int
@@ -260,48 +333,21 @@ class LinkManager:
         if existing is not None and not existing.broken:
             return LLMStatusCode.LLM_ALREADY_LINK
         remote_ip, remote_port = cluster.remote_ip_info_list[0]
-        local_ip = ip_int_to_str(cluster.local_ip_info_list[0][0]) if cluster.local_ip_info_list else "127.0.0.1"
         try:
+            local_ip = (ip_int_to_str(cluster.local_ip_info_list[0][0])
+                        if cluster.local_ip_info_list else "127.0.0.1")
+            peer_host = ip_int_to_str(remote_ip)
             self._ensure_callback(local_ip if local_ip != "0.0.0.0" else "127.0.0.1")
-            rpc = RpcClient(endpoint(ip_int_to_str(remote_ip), remote_port))
-        except (LLMException, ValueError, TypeError) as exc:
-            logger.error("link to cluster %s failed: %s", cluster.remote_cluster_id, exc)
-            return LLMStatusCode.LLM_LINK_FAILED
-        peer_host = ip_int_to_str(remote_ip)
-        try:
-            hello = self._hello(peer_host, local_ip)
+            link = self._link_to(endpoint(peer_host, remote_port), peer_host, local_ip, deadline)
         except LLMException as exc:
-            rpc.close()
             logger.error("link to cluster %s failed: %s", cluster.remote_cluster_id, exc)
             return exc.status_code
-        try:
-            reply = rpc.call(hello, max(deadline - time.monotonic(), 0.001))
-        except LLMException as exc:
-            rpc.close()
-            logger.error("link to cluster %s at %s failed: %s", cluster.remote_cluster_id, rpc.endpoint, exc)
-            return LLMStatusCode.LLM_LINK_FAILED
-        if not isinstance(reply, HelloReply) or not reply.accepted:
-            rpc.close()
-            code = reply.status_code if isinstance(reply, HelloReply) else LLMStatusCode.LLM_LINK_FAILED
-            logger.error("cluster %s refused the link: %s", cluster.remote_cluster_id,
-                         getattr(reply, "message", reply))
-            return LLMStatusCode(code)
-        try:
-            link = self._complete(rpc, hello, reply, peer_host, local_ip, deadline)
-        except LLMException as exc:
-            rpc.close()
+        except (ValueError, TypeError, OSError) as exc:
             logger.error("link to cluster %s failed: %s", cluster.remote_cluster_id, exc)
-            return exc.status_code
-        self._add(link)
+            return LLMStatusCode.LLM_LINK_FAILED
         logger.info("cluster %d linked with cluster %d (pid %d)", self._engine.cluster_id,
-                    reply.cluster_id, reply.pid)
+                    link.cluster_id, link.peer.pid)
         return SUCCESS
-
-    def _peer(self, hello) -> Peer:
-        same_host = hello.host_id == self._host_id
-        return Peer(pid=hello.pid, same_process=same_host and hello.pid == os.getpid(),
-                    same_host=same_host, mooncake_endpoint=hello.mooncake_endpoint,
-                    mooncake_agent=self._agent)
 
     def unlink_clusters(self, clusters: List[LLMClusterInfo], timeout_ms: int,
                         force: bool) -> Tuple[LLMStatusCode, List[LLMStatusCode]]:
@@ -322,85 +368,108 @@ class LinkManager:
         if link is None:
             return SUCCESS  # unlinking a missing link succeeds in v2
         try:
-            link.rpc.call(Unlink(requester=self._engine.cluster_id), max(deadline - time.monotonic(), 0.001))
+            link.rpc.call(Unlink(session=link.session), max(deadline - time.monotonic(), 0.001))
         except LLMException as exc:
             logger.error("unlink from cluster %d failed: %s", cluster.remote_cluster_id, exc)
             return LLMStatusCode.LLM_UNLINK_FAILED
         self._drop(cluster.remote_cluster_id)
         return SUCCESS
 
-    # ---- server side -----------------------------------------------------------------------
-    def _handle(self, request: Message, _peer_identity: bytes) -> Message:
-        handler = self._handlers.get(type(request))
-        if handler is None:
-            fail(LLMStatusCode.LLM_PARAM_INVALID, "unexpected request %s", type(request).__name__)
-        return handler(request)
+    # ---- server side of the handshake -------------------------------------------------------
+    def accept(self, hello: Hello) -> HelloReply:
+        identity_fields = self._identity()
 
-    def _on_resolve(self, request: Resolve) -> Message:
-        link = self.get(request.requester)  # only linked peers may ask for memory locations
-        reply = self._responder.resolve(request)
-        if reply.release_key is None:
-            with link.lock:
-                link.exported.add(reply.cache_id)
-        return reply
+        def refuse(code: LLMStatusCode, message: str) -> HelloReply:
+            logger.warning("cluster %d refused a link from cluster %d: %s",
+                           self._engine.cluster_id, hello.cluster_id, message)
+            return HelloReply(accepted=False, status_code=int(code), message=message,
+                              **identity_fields)
 
-    def _on_invalidate(self, request: Invalidate) -> Message:
-        with self._lock:
-            link = self._links.get(request.owner)
-        if link is not None:
-            link.forget(set(request.cache_ids))
-        return Ack()
-
-    def _on_stage_area(self, request: StageArea) -> Message:
-        self.get(request.requester)
-        return Staged(region=self._responder.staging_area(request.requester))
-
-    def _on_stage(self, request: StageRead) -> Message:
-        self.get(request.requester)
-        return Staged(region=self._responder.stage(request, type(request) is StageRead))
-
-    def _on_locate(self, request: Locate) -> Message:
-        self.get(request.requester)
-        return self._responder.locate(request)
-
-    def _on_release(self, request: Release) -> Message:
-        self.get(request.requester)
-        self._responder.release(request)
-        return Ack()
-
-    def _on_unlink(self, request: Unlink) -> Message:
-        self._drop(request.requester)
-        return Ack()
-
-    def _on_mooncake_endpoint(self, request: MooncakeEndpoint) -> Message:
-        link = self.get(request.requester)
-        with link.lock:
-            link.peer = dataclasses.replace(link.peer, mooncake_endpoint=request.endpoint,
-                                            mooncake_agent=self._agent)
-            stale = link.transports.pop("mooncake", None)
-        if stale is not None:
-            stale.close()
-        return Ack()
-
-    def _accept(self, hello: Hello) -> HelloReply:
-        identity = self._identity()
         if hello.cluster_id == self._engine.cluster_id:
-            return HelloReply(accepted=False, status_code=int(LLMStatusCode.LLM_PARAM_INVALID),
-                              message="a cluster cannot link with its own cluster_id", **identity)
-        if self._needs_mooncake(hello):
+            return refuse(LLMStatusCode.LLM_PARAM_INVALID,
+                          "a cluster cannot link with its own cluster_id")
+        if not hello.session or not hello.challenge:
+            return refuse(LLMStatusCode.LLM_LINK_FAILED, "a handshake without session and challenge")
+        same_process = identity.answer_if_local(hello.challenge) and hello.pid == os.getpid()
+        refused = self._room_for(hello.cluster_id)
+        if refused is not None:
+            return refuse(*refused)
+        if not same_process and self._needs_mooncake(hello):
             try:
                 self._start_mooncake(host_of(hello.reply_endpoint))
             except LLMException as exc:
-                return HelloReply(accepted=False, status_code=int(exc.status_code),
-                                  message=str(exc), **identity)
-            identity = self._identity()  # now with our endpoint
-        # A client that links again (e.g. after a restart) replaces whatever we still hold.
+                return refuse(exc.status_code, str(exc))
+            identity_fields = self._identity()  # now with our endpoint
+        proof, challenge = None, b""
+        if not same_process and hello.host_id == self._host_id:
+            # The client proves it shares this host in a `Proof`; until then it is remote.
+            proof = identity.ProofFile(hello.challenge)
+            challenge = secrets.token_bytes(identity.CHALLENGE_BYTES)
+        token = secrets.token_bytes(SESSION_BYTES)
+        peer = Peer(pid=hello.pid, same_process=same_process, same_host=same_process,
+                    mooncake_endpoint=hello.mooncake_endpoint, mooncake_agent=self._agent)
         rpc = RpcClient(hello.reply_endpoint) if hello.reply_endpoint else None
-        self._add(Link(hello.cluster_id, self._peer(hello), rpc,
-                       self._engine.options.transfer_backend, self.bounce))
+        link = Link(hello.cluster_id, peer, rpc, self._engine.options.transfer_backend,
+                    self.bounce, session=hello.session)
+        self._add(link, token)
+        if proof is not None:
+            with self._lock:
+                self._proofs[link] = (proof, challenge)
         logger.info("cluster %d accepted a link from cluster %d (pid %d)", self._engine.cluster_id,
                     hello.cluster_id, hello.pid)
-        return HelloReply(accepted=True, status_code=int(SUCCESS), **identity)
+        return HelloReply(accepted=True, status_code=int(SUCCESS), session=token,
+                          challenge=challenge, proof_name=proof.name if proof else "",
+                          proof_fd=proof.fd if proof else -1, **identity_fields)
+
+    def _room_for(self, cluster_id: int) -> Optional[Tuple[LLMStatusCode, str]]:
+        """Why a handshake from `cluster_id` cannot be taken now, or None.
+
+        A cluster that is linked already is replaced only if the old link is broken or its
+        peer no longer holds it (restarted, or unlinked on its side): a live peer is never
+        displaced by someone naming its cluster id."""
+        with self._lock:
+            old = self._links.get(cluster_id)
+            if old is None:
+                if len(self._links) >= MAX_LINKS:
+                    return (LLMStatusCode.LLM_CLUSTER_NUM_EXCEED_LIMIT,
+                            f"{len(self._links)} links, the most one engine holds "
+                            "(LLM_DATADIST_TORCH_MAX_LINKS)")
+                return None
+            now = time.monotonic()
+            recently = now - self._liveness_checked.get(cluster_id, -LIVENESS_INTERVAL_S)
+            if not old.broken and old.rpc is not None and recently < LIVENESS_INTERVAL_S:
+                return LLMStatusCode.LLM_ALREADY_LINK, f"cluster {cluster_id} is linked"
+            self._liveness_checked[cluster_id] = now
+        if old.broken or old.rpc is None:
+            return None
+        try:
+            old.rpc.call(Ping(session=old.session), LIVENESS_TIMEOUT_S)
+        except LLMException:
+            return None  # the old peer is gone or no longer holds the link
+        return LLMStatusCode.LLM_ALREADY_LINK, f"cluster {cluster_id} is linked and alive"
+
+    def on_proof(self, link: Link, request: Proof) -> Message:
+        """The client of `link` proves it shares this host: from now on it is served by the
+        same-host transports (and may read this process's memory through CMA)."""
+        with self._lock:
+            pending = self._proofs.pop(link, None)
+        if pending is None:
+            fail(LLMStatusCode.LLM_PARAM_INVALID, "no proof was asked of cluster %d",
+                 link.cluster_id)
+        proof, challenge = pending
+        try:
+            proven, why = identity.verify_proof(challenge, link.peer.pid, request.proof_name,
+                                                request.proof_fd)
+        finally:
+            proof.close()
+        if not proven:
+            fail(LLMStatusCode.LLM_LINK_FAILED, "cluster %d says it shares this host (pid %d) "
+                 "but did not prove it: %s", link.cluster_id, link.peer.pid, why)
+        with link.lock:
+            link.start_time = identity.start_time(link.peer.pid)
+            link.peer = dataclasses.replace(link.peer, same_host=True)
+        self._grant_access()
+        return Ack()
 
     # ---- shutdown --------------------------------------------------------------------------
     def close(self) -> None:
@@ -410,7 +479,7 @@ class LinkManager:
         with self._lock:
             links, self._links = list(self._links.values()), {}
         for link in links:
-            link.close()
+            self._forget(link)
         self._grant_access()
         with self._agent_lock:
             agent, self._agent = self._agent, None

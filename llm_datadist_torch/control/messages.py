@@ -7,7 +7,7 @@ default, is backwards-compatible for decoders that know it; anything else bumps 
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Annotated, Optional, Union
 
 import msgspec
 
@@ -21,11 +21,26 @@ from ..core.descriptors import Geometry, Region
 #       Hello/HelloReply; MooncakeEndpoint; Invalidate; Resolved.keyed_slots;
 #       StageRead/StageWrite/StageArea/Staged; Locate/Located.
 #   2 - geometry as a `Geometry` struct; the handshake no longer carries role, device kind,
-#       transports or a second protocol version (none was ever read).
+#       transports or a second protocol version (none was ever read). Sessions: the handshake
+#       gives each side a secret token, and every later request carries the token of the link
+#       it is served as instead of a cluster id; the handshake proves same process / same
+#       host (identity.py) instead of trusting pid and host id; limits on every field.
 PROTOCOL_VERSION = 2
 
 # Bytes of the staging area an owner keeps for each linked requester (StageRead / StageWrite).
 STAGING_BYTES = 64 << 20
+
+# Limits checked at decode time: a hostile frame fails to decode instead of costing memory
+# and time on the serving thread.
+MAX_ITEMS = 1 << 20  # block, offset and address lists
+MAX_TENSORS = 1 << 16
+U64 = Annotated[int, msgspec.Meta(ge=0)]  # msgpack integers stop at 2**64 - 1
+Index = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]  # offsets, lengths, indices, sizes
+Blocks = Annotated[list[Index], msgspec.Meta(max_length=MAX_ITEMS)]
+Tensors = Annotated[list[Annotated[int, msgspec.Meta(ge=0, lt=MAX_TENSORS)]],
+                    msgspec.Meta(max_length=MAX_TENSORS)]
+Token = Annotated[bytes, msgspec.Meta(max_length=64)]
+Text = Annotated[str, msgspec.Meta(max_length=256)]
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -33,31 +48,49 @@ class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
 
 
 class _PeerIdentity(Message, frozen=True, kw_only=True):
-    """Who a side is; sent by both sides of the handshake."""
+    """Who a side says it is; sent by both sides of the handshake. Claims only: what the
+    transports rely on is proven (identity.py)."""
 
-    cluster_id: int
-    host_id: str  # host.local_host_id(): equal ids mean the same kernel
-    pid: int
-    mooncake_endpoint: str = ""  # "ip:rpc_port" of this side's Mooncake agent; "" if none runs
+    cluster_id: U64
+    host_id: Text  # host.local_host_id(): equal ids mean the same kernel (a claim)
+    pid: Index
+    mooncake_endpoint: Text = ""  # "ip:rpc_port" of this side's Mooncake agent; "" if none runs
     mooncake_required: bool = False  # this side forces mooncake: the other must run an agent
+    challenge: Token = b""  # fresh random bytes the other side proves it shares a host with
+    session: Token = b""  # the token the other side must put in every request to this side
 
 
 class Hello(_PeerIdentity, tag="hello", frozen=True, kw_only=True):
     """Handshake request, the first exchange on every link."""
 
-    reply_endpoint: str = ""  # where the caller's own server listens; "" when it has none
+    reply_endpoint: Text = ""  # where the caller's own server listens; "" when it has none
 
 
 class HelloReply(_PeerIdentity, tag="hello_reply", frozen=True, kw_only=True):
-    """Handshake answer: the server's identity and whether it accepts the link."""
+    """Handshake answer: the server's identity, whether it accepts the link and its proof of
+    sharing the client's host (a /dev/shm file holding the client's challenge, held open as
+    `proof_fd`)."""
 
     accepted: bool
     status_code: int  # LLMStatusCode value; LLM_SUCCESS when accepted
     message: str = ""
+    proof_name: Text = ""
+    proof_fd: int = -1
+
+
+class Proof(Message, tag="proof", frozen=True, kw_only=True):
+    """Client -> server after an accepted handshake on one host: the client's proof of sharing
+    the server's host (the server's challenge in a /dev/shm file the client holds open)."""
+
+    session: Token
+    proof_name: Text
+    proof_fd: int
 
 
 class Ping(Message, tag="ping", frozen=True, kw_only=True):
-    """Liveness probe."""
+    """Liveness probe; with a session, also "do you still hold this link?" (an error if not)."""
+
+    session: Token = b""
 
 
 class Pong(Message, tag="pong", frozen=True, kw_only=True):
@@ -74,23 +107,23 @@ class ErrorReply(Message, tag="error", frozen=True, kw_only=True):
 class Resolve(Message, tag="resolve", frozen=True, kw_only=True):
     """Requester -> owner: name a cache by key and describe the pull or push to be checked."""
 
-    requester: int  # the requester's cluster id; it must be linked with the owner
-    key_kind: str  # "cache_key" | "id_index" | "blocks"
-    req_id: int
-    prefix_id: int
-    model_id: int
+    session: Token  # the link it is served as
+    key_kind: Text  # "cache_key" | "id_index" | "blocks"
+    req_id: U64
+    prefix_id: U64
+    model_id: U64
     cache_id: int
-    batch_index: int
-    direction: str  # "pull" (owner is the source) | "push" (owner is the destination)
-    op: str  # "c2c" | "b2b" | "c2b"
+    batch_index: Index
+    direction: Text  # "pull" (owner is the source) | "push" (owner is the destination)
+    op: Text  # "c2c" | "b2b" | "c2b"
     geometry: Geometry  # the requester's cache
     placement: int
-    requester_slot: int
+    requester_slot: Index
     nbytes: int
-    src_blocks: list[int]
-    dst_blocks: list[int]
-    src_tensors: list[int]
-    dst_tensors: list[int]
+    src_blocks: Blocks
+    dst_blocks: Blocks
+    src_tensors: Tensors
+    dst_tensors: Tensors
 
 
 class Resolved(Message, tag="resolved", frozen=True, kw_only=True):
@@ -108,15 +141,15 @@ class Resolved(Message, tag="resolved", frozen=True, kw_only=True):
 class Release(Message, tag="release", frozen=True, kw_only=True):
     """Requester -> owner: these tensors were pulled through `key`."""
 
-    requester: int
-    key: list[Union[str, int]]
-    tensors: list[int]
+    session: Token
+    key: Annotated[list[Union[Text, int]], msgspec.Meta(max_length=3)]
+    tensors: Tensors
 
 
 class Unlink(Message, tag="unlink", frozen=True, kw_only=True):
     """Requester -> owner: drop the link with `requester`."""
 
-    requester: int
+    session: Token
 
 
 class Ack(Message, tag="ack", frozen=True, kw_only=True):
@@ -127,16 +160,16 @@ class MooncakeEndpoint(Message, tag="mooncake_endpoint", frozen=True, kw_only=Tr
     """Client -> server after the handshake: the client started its Mooncake agent only once the
     reply showed that the link needs one (peer on another host, or a side forcing mooncake)."""
 
-    requester: int
-    endpoint: str
+    session: Token
+    endpoint: Text
 
 
 class Invalidate(Message, tag="invalidate", frozen=True, kw_only=True):
     """Owner -> requester: forget what `Resolved` said about these caches (they are gone, or
     their blocks key names another cache now)."""
 
-    owner: int
-    cache_ids: list[int]
+    session: Token
+    cache_ids: Annotated[list[int], msgspec.Meta(max_length=MAX_ITEMS)]
 
 
 class StageRead(Message, tag="stage_read", frozen=True, kw_only=True):
@@ -144,11 +177,11 @@ class StageRead(Message, tag="stage_read", frozen=True, kw_only=True):
     requester cannot reach, e.g. device memory) into the owner's staging area, packed tensor
     by tensor in the order given."""
 
-    requester: int
+    session: Token
     cache_id: int
-    tensors: list[int]
-    offsets: list[int]
-    lengths: list[int]
+    tensors: Tensors
+    offsets: Blocks
+    lengths: Blocks
 
 
 class StageWrite(StageRead, tag="stage_write", frozen=True, kw_only=True):
@@ -159,7 +192,7 @@ class StageWrite(StageRead, tag="stage_write", frozen=True, kw_only=True):
 class StageArea(Message, tag="stage_area", frozen=True, kw_only=True):
     """Requester -> owner: where the staging area for this link is."""
 
-    requester: int
+    session: Token
 
 
 class Staged(Message, tag="staged", frozen=True, kw_only=True):
@@ -172,9 +205,9 @@ class Locate(Message, tag="locate", frozen=True, kw_only=True):
     """Requester -> owner: which cache tensors hold ``[address, address + nbytes)`` for each of
     these raw addresses (`transfer_cache_async` with `TransferConfig` writes by address)."""
 
-    requester: int
-    addresses: list[int]
-    nbytes: int
+    session: Token
+    addresses: Blocks
+    nbytes: Index
 
 
 class Place(msgspec.Struct, frozen=True, kw_only=True):
@@ -206,6 +239,7 @@ MESSAGE_TYPES = (
     Unlink,
     Ack,
     MooncakeEndpoint,
+    Proof,
     Invalidate,
     StageRead,
     StageWrite,

@@ -47,7 +47,7 @@ class Responder:
                 else:
                     listener.area_removed(area.tensor.data_ptr())
 
-    def stage(self, request: StageRead, to_staging: bool) -> Region:
+    def stage(self, requester: int, request: StageRead, to_staging: bool) -> Region:
         """Copy segments of a cache into the requester's staging area (or back, for a write)."""
         with self._engine.operation():
             entry = self._engine.table.lookup_by_id(request.cache_id)
@@ -58,7 +58,7 @@ class Responder:
             raise_if_false(all(0 <= t < entry.num_tensors for t in request.tensors),
                            "tensor indices %s outside a cache of %d tensors", request.tensors,
                            entry.num_tensors)
-            area = self._area(request.requester)
+            area = self._area(requester)
             offsets = torch.tensor(request.offsets, dtype=torch.int64)
             lengths = torch.tensor(request.lengths, dtype=torch.int64)
             chunk = int(lengths.sum())

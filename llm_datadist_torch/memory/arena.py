@@ -26,6 +26,23 @@ SHM_PREFIX = "llm_datadist_torch"
 _counter = itertools.count()
 
 
+def _pid_namespace() -> str:
+    """The inode of this process's pid namespace: pids mean something only inside it."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return "0"
+
+
+PID_NAMESPACE = _pid_namespace()
+
+
+def shm_file_name(tag: str) -> str:
+    """An unguessable /dev/shm file name that says which process (pid, pid namespace) owns it."""
+    return (f"{SHM_PREFIX}.{os.getpid()}.{PID_NAMESPACE}.{tag}.{next(_counter)}."
+            f"{secrets.token_hex(8)}")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -37,7 +54,10 @@ def _pid_alive(pid: int) -> bool:
 
 
 def sweep_stale_shm_files() -> int:
-    """Remove arena files whose owning process is gone; returns how many were removed."""
+    """Remove files of this library whose owning process is gone; returns how many were removed.
+
+    Only files of processes in this pid namespace are looked at: another container sharing
+    /dev/shm has pids that mean nothing here."""
     removed = 0
     try:
         names = os.listdir(SHM_DIR)
@@ -45,7 +65,8 @@ def sweep_stale_shm_files() -> int:
         return 0
     for name in names:
         parts = name.split(".")
-        if len(parts) < 3 or parts[0] != SHM_PREFIX or not parts[1].isdigit():
+        if len(parts) < 4 or parts[0] != SHM_PREFIX or not parts[1].isdigit() \
+                or parts[2] != PID_NAMESPACE:
             continue
         if _pid_alive(int(parts[1])):
             continue
@@ -61,7 +82,7 @@ def sweep_stale_shm_files() -> int:
 
 def owned_shm_files(pid: Optional[int] = None) -> list:
     """Arena file names owned by `pid` (default: this process)."""
-    marker = f"{SHM_PREFIX}.{os.getpid() if pid is None else pid}."
+    marker = f"{SHM_PREFIX}.{os.getpid() if pid is None else pid}.{PID_NAMESPACE}."
     try:
         return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(marker))
     except OSError:
@@ -104,7 +125,7 @@ class MemoryArena:
     @classmethod
     def _create_shm(cls, nbytes: int, tag: str) -> "MemoryArena":
         sweep_stale_shm_files()
-        name = f"{SHM_PREFIX}.{os.getpid()}.{tag}.{next(_counter)}.{secrets.token_hex(4)}"
+        name = shm_file_name(tag)
         path = os.path.join(SHM_DIR, name)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:

@@ -195,7 +195,7 @@ class _LayerTask:
         plan, extent = _address_plan(local.geometry, self._blocks, config.src_batch_index)
         first = TENSORS_PER_LAYER * (layer - config.src_layer_range.start)
         addresses = list(config.dst_addrs[first:first + TENSORS_PER_LAYER])
-        reply = link.call(Locate(requester=engine.cluster_id, addresses=addresses, nbytes=extent),
+        reply = link.call(Locate(session=link.session, addresses=addresses, nbytes=extent),
                           deadline - time.monotonic())
         if not isinstance(reply, Located):
             fail(LLMStatusCode.LLM_FAILED, "unexpected answer %s from cluster %d",

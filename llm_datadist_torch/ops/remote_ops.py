@@ -77,7 +77,7 @@ def transfer(engine: Engine, link: Link, ref: RemoteRef, local: CacheEntry, dire
     mine = local.geometry
 
     def request() -> Resolve:
-        return Resolve(requester=engine.cluster_id, key_kind=ref.kind, req_id=ref.req_id,
+        return Resolve(session=link.session, key_kind=ref.kind, req_id=ref.req_id,
                        prefix_id=ref.prefix_id, model_id=ref.model_id, cache_id=ref.cache_id,
                        batch_index=ref.batch_index, direction=direction, op=op,
                        geometry=mine, placement=int(local.placement),
@@ -111,7 +111,7 @@ def move(engine: Engine, link: Link, cache_id: int, regions, plan, local: CacheE
     by_transport = defaultdict(list)
     for src_index, dst_index in plan.pairs:
         remote_index, local_index = (src_index, dst_index) if pulling else (dst_index, src_index)
-        region = regions[remote_index]
+        region = link.shm_allowed(regions[remote_index])
         remote_offsets, local_offsets = ((plan.src_offsets, plan.dst_offsets) if pulling
                                          else (plan.dst_offsets, plan.src_offsets))
         item = TransferItem(region, remote_offsets, local.raw[local_index], local_offsets, plan.lengths)
@@ -139,5 +139,5 @@ def _release_pulled(engine: Engine, link: Link, reply: Resolved, plan, release: 
     """Tell the owner which tensors were pulled through a request key (it releases the key)."""
     if release and reply.release_key is not None:
         pulled = sorted({pair[0] for pair in plan.pairs})
-        link.call(Release(requester=engine.cluster_id, key=list(reply.release_key), tensors=pulled),
+        link.call(Release(session=link.session, key=list(reply.release_key), tensors=pulled),
                   max(deadline - time.monotonic(), 0.05))

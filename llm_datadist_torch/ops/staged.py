@@ -38,13 +38,14 @@ def staged_move(engine: Engine, link: Link, cache_id: int, plan: Plan, local: Ca
         for ((_, part, packed),) in pack([lengths], per_tensor):
             chunk_lengths = lengths[part]
             chunk_bytes = int(chunk_lengths.sum())
-            message = dict(requester=engine.cluster_id, cache_id=cache_id, tensors=remote_tensors,
+            message = dict(session=link.session, cache_id=cache_id, tensors=remote_tensors,
                            offsets=remote_offsets[part].tolist(), lengths=chunk_lengths.tolist())
             if pulling:
                 area = link.call(StageRead(**message), deadline - time.monotonic()).region
             elif area is None:
-                area = link.call(StageArea(requester=engine.cluster_id),
+                area = link.call(StageArea(session=link.session),
                                  deadline - time.monotonic()).region
+            area = link.shm_allowed(area)
             items = [TransferItem(area, packed + k * chunk_bytes, local.raw[t], local_offsets[part],
                                   chunk_lengths) for k, t in enumerate(local_tensors)]
             moved += through(link, link.transport_for(area), items, pulling, deadline)

@@ -1,7 +1,6 @@
 """LLMDataDist lifecycle, option validation and shm hygiene (spec §8.1-8.4, §6.4, §26.1, §26.12)."""
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -11,43 +10,14 @@ import torch
 from llm_datadist_torch import (BlocksCacheKey, Cache, CacheDesc, CacheKey, CacheManager, DataType,
                                 KvCacheManager, LLMConfig, LLMDataDist, LLMRole, LLMStatusCode,
                                 MemInfo, Memtype, Placement)
-from helpers import raises_llm
+from llm_datadist_torch.control.host import free_port
+from helpers import SHM_DIR, raises_llm, shm_files
 
 pytestmark = pytest.mark.usefixtures("cpu_device", "no_shm_leak")
 
 PARAM = LLMStatusCode.LLM_PARAM_INVALID
 FAILED = LLMStatusCode.LLM_FAILED
-SHM_DIR = "/dev/shm"
 POOL = json.dumps({"memory_size": 1 << 20, "page_shift": 12})
-
-
-def own_shm_files():
-    prefix = f"llm_datadist_torch.{os.getpid()}."
-    return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(prefix))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-_ids = iter(range(50_000, 60_000))
-
-
-@pytest.fixture
-def instances():
-    """Bare instances made by a test; all finalized at teardown."""
-    made = []
-
-    def make(role=LLMRole.PROMPT, cluster_id=None):
-        instance = LLMDataDist(role, next(_ids) if cluster_id is None else cluster_id)
-        made.append(instance)
-        return instance
-
-    yield make
-    for instance in made:
-        instance.finalize()
 
 
 def v2_options(**extra):
@@ -87,14 +57,14 @@ def test_init_from_hand_written_dict(instances):
     assert len(cache.tensor_addrs) == 2
     with raises_llm(PARAM, match="memory pool"):  # no device pool configured
         manager.allocate_cache(CacheDesc(1, [4], DataType.DT_UINT8, Placement.DEVICE))
-    assert len(own_shm_files()) == 1
+    assert len(shm_files()) == 1
 
 
 def test_init_without_device_id_defaults_to_device_0_in_v2(instances):
     datadist = instances()
     datadist.init({"llm.EnableCacheManager": "1"})
     assert datadist._engine.options.device_id == 0
-    assert own_shm_files() == []  # no pool, no arena
+    assert shm_files() == []  # no pool, no arena
 
 
 def test_init_twice_is_a_no_op(instances):
@@ -102,11 +72,11 @@ def test_init_twice_is_a_no_op(instances):
     datadist.init(v2_options())
     manager = datadist.cache_manager
     cache = manager.allocate_cache(CacheDesc(1, [4], DataType.DT_UINT8, Placement.DEVICE))
-    files = own_shm_files()
+    files = shm_files()
     datadist.init({"garbage": object()})  # options are ignored entirely
     datadist.init("not even a dict")
     assert datadist.cache_manager is manager
-    assert own_shm_files() == files
+    assert shm_files() == files
     assert manager.get_cache_tensors(cache)[0].numel() == 4
 
 
@@ -148,9 +118,9 @@ def test_two_instances_at_once(instances):
     assert a.tensor_addrs[0] != b.tensor_addrs[0]
     assert bool((prompt.cache_manager.get_cache_tensors(a)[0] == 0x11).all())
     assert bool((decoder.cache_manager.get_cache_tensors(b)[0] == 0x22).all())
-    assert len(own_shm_files()) == 2
+    assert len(shm_files()) == 2
     prompt.finalize()
-    assert len(own_shm_files()) == 1
+    assert len(shm_files()) == 1
     assert bool((decoder.cache_manager.get_cache_tensors(b)[0] == 0x22).all())
 
 
@@ -331,7 +301,7 @@ def test_engine_option_rules(instances, key, value):
     with raises_llm(PARAM):
         datadist.init(v2_options(**{key: value}))
     assert_not_initialized(datadist)
-    assert own_shm_files() == []
+    assert shm_files() == []
 
 
 def test_engine_option_rules_accept_valid_values(instances):
@@ -381,7 +351,7 @@ def test_pool_json_errors(instances, key, text):
     with raises_llm(PARAM):
         datadist.init(options)
     assert_not_initialized(datadist)
-    assert own_shm_files() == []
+    assert shm_files() == []
 
 
 def test_host_pool_over_20_gb_rejected(instances):
@@ -389,7 +359,7 @@ def test_host_pool_over_20_gb_rejected(instances):
     with raises_llm(PARAM):
         datadist.init({"llm.EnableCacheManager": "1",
                        "llm.HostMemPoolConfig": json.dumps({"memory_size": 20 * 10**9 + 4096})})
-    assert own_shm_files() == []
+    assert shm_files() == []
 
 
 def test_pool_page_shift_rounds_allocations(instances):
@@ -463,14 +433,14 @@ def test_stale_cache_manager_after_finalize(instances):
 def test_shm_files_removed_at_finalize(instances):
     datadist = instances()
     datadist.init(v2_options(**{"llm.HostMemPoolConfig": POOL}))
-    files = own_shm_files()
+    files = shm_files()
     assert len(files) == 2
     for name in files:
         stat = os.stat(os.path.join(SHM_DIR, name))
         assert stat.st_size == 1 << 20
         assert stat.st_mode & 0o777 == 0o600
     datadist.finalize()
-    assert own_shm_files() == []
+    assert shm_files() == []
 
 
 def test_views_outlive_finalize_without_crash(instances):
@@ -481,26 +451,33 @@ def test_views_outlive_finalize_without_crash(instances):
     view = manager.get_cache_tensors(cache)[0]
     view.fill_(7)
     datadist.finalize()
-    assert own_shm_files() == []  # the file is gone, the pages live while the view does
+    assert shm_files() == []  # the file is gone, the pages live while the view does
     view.fill_(9)
     assert int(view.sum()) == 9 * 64
     del view
 
 
-def test_file_of_dead_process_is_swept(instances):
+def test_file_of_dead_process_is_swept_in_its_pid_namespace_only(instances):
+    """A file named for a dead pid of our pid namespace goes; the same pid in another
+    namespace (a container sharing /dev/shm) may be a live process there: left alone."""
+    from llm_datadist_torch.memory.arena import PID_NAMESPACE
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait(timeout=30)
     dead_pid = child.pid
-    stale = os.path.join(SHM_DIR, f"llm_datadist_torch.{dead_pid}.7.device.0.deadbeef")
-    with open(stale, "wb") as handle:
-        handle.write(b"\0" * 4096)
+    stale = os.path.join(SHM_DIR, f"llm_datadist_torch.{dead_pid}.{PID_NAMESPACE}.device.0.beef")
+    foreign = os.path.join(SHM_DIR, f"llm_datadist_torch.{dead_pid}.1{PID_NAMESPACE}.device.0.beef")
+    for path in (stale, foreign):
+        with open(path, "wb") as handle:
+            handle.write(b"\0" * 4096)
     try:
         datadist = instances()
         datadist.init(v2_options())
         assert not os.path.exists(stale)
+        assert os.path.exists(foreign)
     finally:
-        if os.path.exists(stale):
-            os.unlink(stale)
+        for path in (stale, foreign):
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 def test_files_of_other_prefixes_are_left_alone(instances):
@@ -535,7 +512,7 @@ def test_device_env_cuda_without_gpu(instances, monkeypatch, value):
     with raises_llm(PARAM):
         datadist.init(v2_options())
     assert_not_initialized(datadist)
-    assert own_shm_files() == []
+    assert shm_files() == []
 
 
 def test_device_env_garbage(instances, monkeypatch):

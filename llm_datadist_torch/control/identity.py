@@ -1,0 +1,112 @@
+"""Who the peer of a handshake really is, decided from local facts and proofs, never from its word.
+
+* Same process: the client registers the fresh challenge of its `Hello` here; a server in this
+  process that receives it sees it registered, and the client sees that a server of this
+  process answered it. A remote peer can repeat a challenge, never make it appear here.
+* Same host (shm and cma): the prover creates a file in /dev/shm holding the verifier's fresh
+  challenge and keeps it open; the verifier reads the file from its own /dev/shm (so both see
+  one /dev/shm: same kernel, IPC and mount namespaces) and finds it open in
+  `/proc/<claimed pid>/fd/<fd>` (so the claimed pid, in the verifier's pid namespace, is the
+  prover). A peer that cannot prove it is treated as being on another host.
+"""
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+from typing import Optional, Set, Tuple
+
+from ..memory.arena import SHM_DIR, shm_file_name
+
+CHALLENGE_BYTES = 16
+
+_lock = threading.Lock()
+_local_challenges: Set[bytes] = set()  # challenges of Hellos sent from this process
+_answered: Set[bytes] = set()  # ... that a server of this process answered
+
+
+def new_challenge() -> bytes:
+    """A fresh challenge for a `Hello` sent from this process (forget it with `forget`)."""
+    challenge = secrets.token_bytes(CHALLENGE_BYTES)
+    with _lock:
+        _local_challenges.add(challenge)
+    return challenge
+
+
+def answer_if_local(challenge: bytes) -> bool:
+    """(Server side.) Whether `challenge` was issued in this process; marks it answered."""
+    with _lock:
+        if challenge in _local_challenges:
+            _answered.add(challenge)
+            return True
+    return False
+
+
+def answered_locally(challenge: bytes) -> bool:
+    """(Client side.) Whether a server of this process answered our `challenge`."""
+    with _lock:
+        return challenge in _answered
+
+
+def forget(challenge: bytes) -> None:
+    with _lock:
+        _local_challenges.discard(challenge)
+        _answered.discard(challenge)
+
+
+class ProofFile:
+    """A /dev/shm file holding a peer's challenge, kept open until `close` (prover side)."""
+
+    def __init__(self, challenge: bytes):
+        self.name = shm_file_name("proof")
+        self.fd = os.open(os.path.join(SHM_DIR, self.name),
+                          os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(self.fd, challenge)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            os.unlink(os.path.join(SHM_DIR, self.name))
+        except FileNotFoundError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
+
+
+def verify_proof(challenge: bytes, pid: int, name: str, fd: int) -> Tuple[bool, str]:
+    """(Verifier side.) Whether process `pid` holds `/dev/shm/<name>` open as `fd` and the file
+    holds `challenge`; with the reason when it does not."""
+    if not name or "/" in name or name in (".", "..") or fd < 0 or pid <= 0:
+        return False, "no proof offered"
+    path = os.path.join(SHM_DIR, name)
+    try:
+        held = os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError as exc:
+        return False, f"/proc/{pid}/fd/{fd}: {exc.strerror}"
+    if held != path:
+        return False, f"pid {pid} does not hold {path}"
+    try:
+        with open(path, "rb") as f:
+            content = f.read(CHALLENGE_BYTES + 1)
+    except OSError as exc:
+        return False, f"{path}: {exc.strerror}"
+    if not secrets.compare_digest(content, challenge):
+        return False, f"{path} does not hold our challenge"
+    return True, ""
+
+
+def start_time(pid: int) -> Optional[int]:
+    """The start time of `pid` (clock ticks since boot), or None if it is gone: a pid whose
+    start time changed is another process (pid reuse)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    # Field 22; the command name (field 2) may hold spaces and parentheses: split after it.
+    return int(stat.rsplit(b")", 1)[1].split()[19])

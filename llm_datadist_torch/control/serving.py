@@ -1,0 +1,88 @@
+"""What this engine's control server answers: every request is served as the link whose
+handshake issued the session token it carries, whatever else it says; a request without a
+known session gets `LLM_NOT_YET_LINK` and touches nothing."""
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from ..status import LLMStatusCode, fail
+from .link import Link
+from .messages import (Ack, Hello, Invalidate, Locate, Message, MooncakeEndpoint, Ping, Pong,
+                       Proof, Release, Resolve, StageArea, Staged, StageRead, StageWrite, Unlink)
+from .owner import Responder
+
+if TYPE_CHECKING:
+    from .links import LinkManager
+
+
+class Serving:
+    """The dispatch table from request type to handler; runs on the server thread."""
+
+    def __init__(self, links: "LinkManager", responder: Responder):
+        self._links = links
+        self._responder = responder
+        self._handlers = {
+            Resolve: self._resolve, Invalidate: self._invalidate, StageArea: self._stage_area,
+            StageRead: self._stage, StageWrite: self._stage, Locate: self._locate,
+            Release: self._release, Unlink: self._unlink, MooncakeEndpoint: self._mooncake_endpoint,
+            Proof: links.on_proof,
+        }
+
+    def handle(self, request: Message, _peer_identity: bytes) -> Message:
+        if isinstance(request, Hello):
+            return self._links.accept(request)
+        if isinstance(request, Ping):
+            if request.session:  # "do you still hold this link?"
+                self._link(request)
+            return Pong()
+        handler = self._handlers.get(type(request))
+        if handler is None:
+            fail(LLMStatusCode.LLM_PARAM_INVALID, "unexpected request %s", type(request).__name__)
+        return handler(self._link(request), request)
+
+    def _link(self, request) -> Link:
+        link = self._links.by_session(request.session)
+        if link is None:
+            fail(LLMStatusCode.LLM_NOT_YET_LINK, "%s from a peer that is not linked (unknown "
+                 "session): link first", type(request).__name__)
+        return link
+
+    def _resolve(self, link: Link, request: Resolve) -> Message:
+        reply = self._responder.resolve(request)
+        if reply.release_key is None:
+            with link.lock:
+                link.exported.add(reply.cache_id)
+        return reply
+
+    @staticmethod
+    def _invalidate(link: Link, request: Invalidate) -> Message:
+        link.forget(set(request.cache_ids))
+        return Ack()
+
+    def _stage_area(self, link: Link, _request: StageArea) -> Message:
+        return Staged(region=self._responder.staging_area(link.cluster_id))
+
+    def _stage(self, link: Link, request: StageRead) -> Message:
+        return Staged(region=self._responder.stage(link.cluster_id, request,
+                                                   type(request) is StageRead))
+
+    def _locate(self, _link: Link, request: Locate) -> Message:
+        return self._responder.locate(request)
+
+    def _release(self, _link: Link, request: Release) -> Message:
+        self._responder.release(request)
+        return Ack()
+
+    def _unlink(self, link: Link, _request: Unlink) -> Message:
+        self._links.drop_link(link)
+        return Ack()
+
+    def _mooncake_endpoint(self, link: Link, request: MooncakeEndpoint) -> Message:
+        with link.lock:
+            link.peer = dataclasses.replace(link.peer, mooncake_endpoint=request.endpoint,
+                                            mooncake_agent=self._links.mooncake_agent)
+            stale = link.transports.pop("mooncake", None)
+        if stale is not None:
+            stale.close()
+        return Ack()
