@@ -1,4 +1,5 @@
-"""Every multi-process example runs to completion on this host and reports a byte-exact result."""
+"""Every example that moves KV between clusters runs to completion on this host and reports a
+byte-exact result."""
 import os
 import pathlib
 import subprocess
@@ -9,8 +10,8 @@ import pytest
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(90)]
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-EXAMPLES = ["pull_cache.py", "pull_blocks.py", "push_blocks.py", "transfer_cache_async.py",
-            "switch_role.py"]
+EXAMPLES = ["register_tensors.py", "pull_cache.py", "pull_blocks.py", "push_blocks.py",
+            "transfer_cache_async.py", "switch_role.py"]
 
 
 @pytest.mark.parametrize("name", EXAMPLES)
