@@ -8,14 +8,13 @@ On CPU the rank table's "device_ip" + "device_port" say where each rank listens.
 Run: python examples/pull_blocks.py   (prints one line; exit code 1 if a byte differs)
 """
 import json
-import sys
 import time
 
 import torch
 
 from llm_datadist_torch import (BlocksCacheKey, CacheDesc, DataType, LLMConfig, LLMDataDist,
                                 LLMRole, RegisterMemStatus)
-from _two_processes import free_port, run_pair
+from _two_processes import free_port, report, run_pair
 
 PROMPT_CLUSTER_ID, DECODER_CLUSTER_ID = 1, 2
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 4, 32, 16, 8, 64
@@ -81,10 +80,8 @@ def run_decoder(conn, rank_table):
     datadist.unlink(comm_id)
     datadist.cache_manager.unregister_cache(cache.cache_id)
     datadist.finalize()
-    print(f"pull_blocks: blocks {SRC_BLOCKS} -> {DST_BLOCKS} of {2 * NUM_LAYERS} tensors "
-          f"{SHAPE} over link(), {'all bytes match' if ok else 'MISMATCH'}")
-    sys.exit(0 if ok else 1)
-
+    report(f"pull_blocks: blocks {SRC_BLOCKS} -> {DST_BLOCKS} of {2 * NUM_LAYERS} tensors "
+           f"{SHAPE} over link()", ok)
 
 
 def main():

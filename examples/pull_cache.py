@@ -3,13 +3,10 @@ batch slot, the decoder links to it and pulls every request into its own cache.
 
 Run: python examples/pull_cache.py   (prints one line; exit code 1 if a byte differs)
 """
-import sys
-
 import torch
 
-from llm_datadist_torch import (CacheDesc, CacheKey, DataType, LLMClusterInfo, LLMConfig,
-                                LLMDataDist, LLMRole, LLMStatusCode)
-from _two_processes import free_port, run_pair
+from llm_datadist_torch import CacheDesc, CacheKey, DataType, LLMConfig, LLMDataDist, LLMRole
+from _two_processes import free_port, link, report, run_pair
 
 PROMPT_CLUSTER_ID, DECODER_CLUSTER_ID = 1, 2
 NUM_LAYERS, BATCH, SEQ_LEN, HIDDEN = 4, 4, 128, 256
@@ -33,7 +30,6 @@ def request_kv(req_id, tensor_index, device):
     return torch.full(SHAPE[1:], req_id * 100 + tensor_index, dtype=torch.float16, device=device)
 
 
-
 def run_prompt(conn):
     port = free_port()
     datadist = init_datadist(LLMRole.PROMPT, PROMPT_CLUSTER_ID, listen_port=port)
@@ -55,14 +51,7 @@ def run_decoder(conn):
     datadist = init_datadist(LLMRole.DECODER, DECODER_CLUSTER_ID)
     manager = datadist.cache_manager
     cache = manager.allocate_cache(CacheDesc(2 * NUM_LAYERS, SHAPE, DataType.DT_FLOAT16))
-    port = conn.recv()
-    cluster = LLMClusterInfo()
-    cluster.remote_cluster_id = PROMPT_CLUSTER_ID
-    cluster.append_local_ip_info("127.0.0.1", 0)
-    cluster.append_remote_ip_info("127.0.0.1", port)
-    ret, _ = datadist.link_clusters([cluster], 5000)
-    if ret != LLMStatusCode.LLM_SUCCESS:
-        raise RuntimeError(f"link_clusters failed: {ret}")
+    cluster = link(datadist, PROMPT_CLUSTER_ID, conn.recv())  # the prompt's port
     order = list(reversed(range(BATCH)))  # request i lands in slot BATCH-1-i
     for slot, req_id in enumerate(order):
         manager.pull_cache(CacheKey(prompt_cluster_id=PROMPT_CLUSTER_ID, req_id=req_id), cache,
@@ -73,9 +62,7 @@ def run_decoder(conn):
     conn.send("done")
     manager.deallocate_cache(cache)
     datadist.finalize()
-    print(f"pull_cache: {BATCH} requests x {2 * NUM_LAYERS} tensors of {SHAPE[1:]} pulled, "
-          f"{'all bytes match' if ok else 'MISMATCH'}")
-    sys.exit(0 if ok else 1)
+    report(f"pull_cache: {BATCH} requests x {2 * NUM_LAYERS} tensors of {SHAPE[1:]} pulled", ok)
 
 
 def main():

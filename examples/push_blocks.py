@@ -3,13 +3,10 @@ its KV blocks straight into the decoder's cache over that link (remote-cache-acc
 
 Run: python examples/push_blocks.py   (prints one line; exit code 1 if a byte differs)
 """
-import sys
-
 import torch
 
-from llm_datadist_torch import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig,
-                                LLMDataDist, LLMRole, LLMStatusCode)
-from _two_processes import free_port, run_pair
+from llm_datadist_torch import BlocksCacheKey, CacheDesc, DataType, LLMConfig, LLMDataDist, LLMRole
+from _two_processes import cluster_info, free_port, link, report, run_pair
 
 PROMPT_CLUSTER_ID, DECODER_CLUSTER_ID = 1, 2
 NUM_LAYERS, NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 2, 16, 16, 8, 64
@@ -27,16 +24,6 @@ def init_datadist(role, cluster_id, port):
     datadist = LLMDataDist(role, cluster_id)
     datadist.init(config.generate_options())
     return datadist
-
-
-
-def cluster_info(remote_cluster_id, remote_port=None):
-    cluster = LLMClusterInfo()
-    cluster.remote_cluster_id = remote_cluster_id
-    if remote_port is not None:
-        cluster.append_local_ip_info("127.0.0.1", 0)
-        cluster.append_remote_ip_info("127.0.0.1", remote_port)
-    return cluster
 
 
 def run_prompt(conn):
@@ -66,10 +53,7 @@ def run_decoder(conn):
                                           BlocksCacheKey(DECODER_CLUSTER_ID, 0))
     for tensor in cache.tensors:
         tensor.fill_(-1)
-    prompt_port = conn.recv()
-    ret, _ = datadist.link_clusters([cluster_info(PROMPT_CLUSTER_ID, prompt_port)], 5000)
-    if ret != LLMStatusCode.LLM_SUCCESS:
-        raise RuntimeError(f"link_clusters failed: {ret}")
+    link(datadist, PROMPT_CLUSTER_ID, conn.recv())  # the prompt's port
     conn.send("linked")
     conn.recv()  # pushed
     ok = True
@@ -84,9 +68,8 @@ def run_decoder(conn):
     datadist.unlink_clusters([cluster_info(PROMPT_CLUSTER_ID)], 5000, force=True)
     manager.deallocate_blocks_cache(cache)
     datadist.finalize()
-    print(f"push_blocks: blocks {SRC_BLOCKS} -> {DST_BLOCKS} (all layers) and 5 -> 0 (layer 1) "
-          f"pushed into the decoder, {'all bytes match' if ok else 'MISMATCH'}")
-    sys.exit(0 if ok else 1)
+    report(f"push_blocks: blocks {SRC_BLOCKS} -> {DST_BLOCKS} (all layers) and 5 -> 0 (layer 1) "
+           f"pushed into the decoder", ok)
 
 
 def main():

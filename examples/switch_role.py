@@ -4,18 +4,14 @@ blocks into A, one tensor per "layer" as in the upstream sample.
 
 Run: python examples/switch_role.py   (prints one line; exit code 1 if a byte differs)
 """
-import sys
-
 import torch
 
-from llm_datadist_torch import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig,
-                                LLMDataDist, LLMRole, LLMStatusCode)
-from _two_processes import free_port, run_pair
+from llm_datadist_torch import BlocksCacheKey, CacheDesc, DataType, LLMConfig, LLMDataDist, LLMRole
+from _two_processes import cluster_info, free_port, link, report, run_pair
 
 A_CLUSTER_ID, B_CLUSTER_ID = 1, 2
 NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM = 8, 16, 8, 64
 SHAPE = [NUM_BLOCKS, BLOCK_SIZE, KV_HEADS, HEAD_DIM]
-
 
 
 def start(role, cluster_id, fill, listen_port=None):
@@ -37,21 +33,6 @@ def start(role, cluster_id, fill, listen_port=None):
     return datadist, cache
 
 
-def cluster_info(remote_cluster_id, remote_port=None):
-    cluster = LLMClusterInfo()
-    cluster.remote_cluster_id = remote_cluster_id
-    if remote_port is not None:
-        cluster.append_local_ip_info("127.0.0.1", 0)
-        cluster.append_remote_ip_info("127.0.0.1", remote_port)
-    return cluster
-
-
-def link(datadist, remote_cluster_id, remote_port):
-    ret, _ = datadist.link_clusters([cluster_info(remote_cluster_id, remote_port)], 5000)
-    if ret != LLMStatusCode.LLM_SUCCESS:
-        raise RuntimeError(f"link_clusters failed: {ret}")
-
-
 def run_a(conn):
     port = free_port()
     datadist, cache = start(LLMRole.PROMPT, A_CLUSTER_ID, lambda i, b: 100 + 10 * i + b, port)
@@ -59,8 +40,7 @@ def run_a(conn):
     conn.recv()                                   # B pulled and unlinked
     datadist.switch_role(LLMRole.DECODER)         # stop listening
     conn.send("switched")
-    b_port = conn.recv()                          # B listens now
-    link(datadist, B_CLUSTER_ID, b_port)
+    b_cluster = link(datadist, B_CLUSTER_ID, conn.recv())  # B listens now
     conn.send("linked")
     conn.recv()                                   # B pushed
     ok = True
@@ -70,7 +50,7 @@ def run_a(conn):
             want[block] = 100 + 10 * i + block
         want[3] = 200 + 10 * i + 1                # B's block 1 pushed into block 3
         ok = ok and torch.equal(tensor, want)
-    datadist.unlink_clusters([cluster_info(B_CLUSTER_ID, b_port)], 5000)
+    datadist.unlink_clusters([b_cluster], 5000)
     datadist.cache_manager.deallocate_blocks_cache(cache)
     datadist.finalize()
     conn.send(ok)
@@ -78,12 +58,11 @@ def run_a(conn):
 
 def run_b(conn):
     datadist, cache = start(LLMRole.DECODER, B_CLUSTER_ID, lambda i, b: 200 + 10 * i + b)
-    a_port = conn.recv()
-    link(datadist, A_CLUSTER_ID, a_port)
+    a_cluster = link(datadist, A_CLUSTER_ID, conn.recv())  # A listens
     datadist.cache_manager.pull_blocks(BlocksCacheKey(A_CLUSTER_ID, 0), cache, [0, 1], [6, 7])
     pulled_ok = all(float(t[6, 0, 0, 0]) == 100 + 10 * i and float(t[7, 0, 0, 0]) == 101 + 10 * i
                     for i, t in enumerate(cache.tensors))
-    datadist.unlink_clusters([cluster_info(A_CLUSTER_ID, a_port)], 5000)  # tells A as well
+    datadist.unlink_clusters([a_cluster], 5000)   # tells A as well
     conn.send("unlinked")
     conn.recv()                                   # A is a decoder now
     port = free_port()
@@ -98,10 +77,8 @@ def run_b(conn):
     datadist.unlink_clusters([cluster_info(A_CLUSTER_ID)], 5000, force=True)
     datadist.cache_manager.deallocate_blocks_cache(cache)
     datadist.finalize()
-    ok = pulled_ok and pushed_ok
-    print(f"switch_role: B pulled from A (prompt), roles swapped, B (now prompt) pushed into A, "
-          f"{'all bytes match' if ok else 'MISMATCH'}")
-    sys.exit(0 if ok else 1)
+    report("switch_role: B pulled from A (prompt), roles swapped, B (now prompt) pushed into A",
+           pulled_ok and pushed_ok)
 
 
 def main():

@@ -7,14 +7,13 @@ full). The decoder hands its cache addresses over out of band (here: the pipe).
 
 Run: python examples/transfer_cache_async.py   (prints one line; exit code 1 if a byte differs)
 """
-import sys
 import threading
 
 import torch
 
-from llm_datadist_torch import (CacheDesc, DataType, LayerSynchronizer, LLMClusterInfo, LLMConfig,
-                                LLMDataDist, LLMRole, LLMStatusCode, TransferConfig)
-from _two_processes import free_port, run_pair
+from llm_datadist_torch import (CacheDesc, DataType, LayerSynchronizer, LLMConfig, LLMDataDist,
+                                LLMRole, LLMStatusCode, TransferConfig)
+from _two_processes import free_port, link, report, run_pair
 
 PROMPT_CLUSTER_ID, DECODER_CLUSTER_ID = 1, 2
 NUM_LAYERS, TOKENS, BLOCK_SIZE, KV_HEADS, HEAD_DIM, NUM_BLOCKS = 4, 40, 16, 8, 64, 12
@@ -32,7 +31,6 @@ def init_datadist(role, cluster_id, listen_port=None):
     datadist = LLMDataDist(role, cluster_id)
     datadist.init(config.generate_options())
     return datadist
-
 
 
 def layer_kv(layer, kv):
@@ -80,13 +78,7 @@ def run_decoder(conn):
                                                                       HEAD_DIM], DataType.DT_FLOAT16))
     for tensor in cache.tensors:
         tensor.fill_(-1)
-    cluster = LLMClusterInfo()
-    cluster.remote_cluster_id = PROMPT_CLUSTER_ID
-    cluster.append_local_ip_info("127.0.0.1", 0)
-    cluster.append_remote_ip_info("127.0.0.1", conn.recv())
-    ret, _ = datadist.link_clusters([cluster], 5000)
-    if ret != LLMStatusCode.LLM_SUCCESS:
-        raise RuntimeError(f"link_clusters failed: {ret}")
+    cluster = link(datadist, PROMPT_CLUSTER_ID, conn.recv())  # the prompt's port
     conn.send(list(cache.tensor_addrs))
     status = LLMStatusCode(conn.recv())
     ok = status == LLMStatusCode.LLM_SUCCESS
@@ -100,10 +92,8 @@ def run_decoder(conn):
     conn.send("checked")
     datadist.unlink_clusters([cluster], 5000)
     datadist.finalize()
-    print(f"transfer_cache_async: {NUM_LAYERS} layers x {TOKENS} tokens pushed layer by layer into "
-          f"decoder blocks {DST_BLOCKS} ({status.name}), "
-          f"{'all bytes match' if ok else 'MISMATCH'}")
-    sys.exit(0 if ok else 1)
+    report(f"transfer_cache_async: {NUM_LAYERS} layers x {TOKENS} tokens pushed layer by layer "
+           f"into decoder blocks {DST_BLOCKS} ({status.name})", ok)
 
 
 def main():

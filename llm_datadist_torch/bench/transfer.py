@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
-import socket
 import statistics
 import time
 
@@ -23,17 +22,12 @@ import torch
 
 from .. import (BlocksCacheKey, CacheDesc, CacheKeyByIdAndIndex, DataType, LLMClusterInfo,
                 LLMConfig, LLMDataDist, LLMRole, Placement)
+from ..control.host import free_port
 from .common import DataMismatch
 
 BLOCK_SIZES = (16 << 10, 128 << 10, 1 << 20, 2 << 20)
 PROMPT_ID, DECODER_ID = 1001, 1002
 TENSORS = 2  # one K and one V tensor
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _options(pool_bytes: int, listen: str = "", backend: str = "") -> dict:
@@ -200,7 +194,7 @@ def _cross_process(total_bytes: int, repeats: int, run: str = "") -> list:
         except ImportError:
             return []
     backend = "mooncake" if run == "mooncake" else ""
-    port = _free_port()
+    port = free_port()
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
     prompt = context.Process(target=_prompt_process, args=(child, port, total_bytes, backend),
@@ -208,7 +202,7 @@ def _cross_process(total_bytes: int, repeats: int, run: str = "") -> list:
     prompt.start()
     decoder = LLMDataDist(LLMRole.DECODER, DECODER_ID)
     decoder.init(_options(total_bytes * 2 + (64 << 20),
-                          f"127.0.0.1:{_free_port()}" if backend else "", backend))
+                          f"127.0.0.1:{free_port()}" if backend else "", backend))
     try:
         if not parent.poll(120):
             raise RuntimeError("the prompt process did not start")
@@ -252,7 +246,7 @@ def _staging_forced(forced: bool):
 
 
 def _in_process(total_bytes: int, repeats: int) -> list:
-    port = _free_port()
+    port = free_port()
     prompt = LLMDataDist(LLMRole.PROMPT, PROMPT_ID)
     prompt.init(_options(total_bytes * 2 * len(BLOCK_SIZES) + (64 << 20), f"127.0.0.1:{port}"))
     decoder = LLMDataDist(LLMRole.DECODER, DECODER_ID)

@@ -26,6 +26,18 @@ def local_host_id() -> str:
     return f"{boot_id}:{hostname}" if boot_id else hostname
 
 
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on `host` that was free a moment ago.
+
+    Only for where a port must be known before anything listens on it (a ``listen_ip_info``, a
+    rank table): another process may take it in between. A server that can bind port 0 itself
+    should do that instead.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
 _ctx_lock = threading.Lock()
 _ctx: Optional[zmq.Context] = None
 _ctx_pid = -1
