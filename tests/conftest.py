@@ -1,13 +1,15 @@
-"""Shared fixtures: initialized `LLMDataDist` instances (v2 and v1) and a shm-leak check."""
+"""Shared fixtures: `LLMDataDist` instances (bare, v2 and v1) and a shm-leak check.
+
+Shared helper functions are in helpers.py (tests/ is on sys.path: this file's folder).
+"""
 import itertools
 import json
-import os
 
 import pytest
 
+from helpers import shm_files
 from llm_datadist_torch import LLMConfig, LLMDataDist, LLMRole
 
-SHM_DIR = "/dev/shm"
 DEVICE_POOL_BYTES = 4 << 20
 HOST_POOL_BYTES = 4 << 20
 PAGE_SHIFT = 12
@@ -18,11 +20,6 @@ _cluster_ids = itertools.count(1000)
 def next_cluster_id() -> int:
     """A cluster id no other instance of this test session uses."""
     return next(_cluster_ids)
-
-
-def own_shm_files():
-    prefix = f"llm_datadist_torch.{os.getpid()}."
-    return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(prefix))
 
 
 def pool_cfg(memory_size: int, page_shift: int = PAGE_SHIFT) -> str:
@@ -39,19 +36,41 @@ def cpu_device(monkeypatch):
 def no_shm_leak():
     """After the test (and every instance finalized), no pool file of this process remains."""
     yield
-    leftover = own_shm_files()
+    leftover = shm_files()
     assert not leftover, f"shared-memory files left behind: {leftover}"
 
 
 @pytest.fixture
-def make_datadist(no_shm_leak):
+def instances(no_shm_leak):
+    """Factory: a bare (not initialized) `LLMDataDist(role, cluster_id)`, a fresh cluster id
+    unless one is given; every instance is finalized at teardown, before the shm-leak check."""
+    created = []
+
+    def make(role=LLMRole.PROMPT, cluster_id=None):
+        datadist = LLMDataDist(role, next_cluster_id() if cluster_id is None else cluster_id)
+        created.append(datadist)
+        return datadist
+
+    yield make
+    for datadist in created:
+        datadist.finalize()
+
+
+def _init(datadist, config: LLMConfig, config_props: dict):
+    """`datadist` initialized with `config`, after setting the `LLMConfig` properties given."""
+    for name, value in config_props.items():
+        setattr(config, name, value)
+    datadist.init(config.generate_options())
+    return datadist
+
+
+@pytest.fixture
+def make_datadist(instances):
     """Factory: an initialized v2 `LLMDataDist`, finalized at teardown.
 
     `make_datadist(mem_pool=..., host_pool=..., role=..., cluster_id=..., **config_props)`;
     a pool argument of `None` leaves that pool out; extra keywords set `LLMConfig` properties.
     """
-    created = []
-
     def factory(mem_pool=DEVICE_POOL_BYTES, host_pool=HOST_POOL_BYTES, role=LLMRole.PROMPT,
                 cluster_id=None, **config_props):
         config = LLMConfig()
@@ -61,16 +80,9 @@ def make_datadist(no_shm_leak):
             config.mem_pool_cfg = pool_cfg(mem_pool)
         if host_pool is not None:
             config.host_mem_pool_cfg = pool_cfg(host_pool)
-        for name, value in config_props.items():
-            setattr(config, name, value)
-        datadist = LLMDataDist(role, next_cluster_id() if cluster_id is None else cluster_id)
-        created.append(datadist)
-        datadist.init(config.generate_options())
-        return datadist
+        return _init(instances(role, cluster_id), config, config_props)
 
-    yield factory
-    for datadist in created:
-        datadist.finalize()
+    return factory
 
 
 @pytest.fixture
@@ -85,23 +97,14 @@ def cache_manager(datadist):
 
 
 @pytest.fixture
-def make_v1_datadist(no_shm_leak):
+def make_v1_datadist(instances):
     """Factory: an initialized v1 (KvCacheManager) `LLMDataDist`, DECODER, device 0."""
-    created = []
-
     def factory(role=LLMRole.DECODER, cluster_id=None, **config_props):
         config = LLMConfig()
         config.device_id = 0
-        for name, value in config_props.items():
-            setattr(config, name, value)
-        datadist = LLMDataDist(role, next_cluster_id() if cluster_id is None else cluster_id)
-        created.append(datadist)
-        datadist.init(config.generate_options())
-        return datadist
+        return _init(instances(role, cluster_id), config, config_props)
 
-    yield factory
-    for datadist in created:
-        datadist.finalize()
+    return factory
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 `agent(conn)` serves the handlers below through `harness.serve`; a test drives a prompt and a
 decoder with `child.call("init", ...)`, `child.call("pull_blocks", ...)`, ... Cache contents are
-deterministic byte patterns (`pattern(seed, tensor_index, nbytes)`), so the parent can compute
+deterministic byte patterns (`tensor_pattern(seed, tensor_index, nbytes)`), so the parent can compute
 exactly what every byte of a cache must be after a transfer and compare with `read`.
 
 Keys travel as plain tuples made by `key(...)`; caches are named by strings chosen by the test.
@@ -19,11 +19,11 @@ from typing import Dict, List, Optional
 import torch
 
 from llm_datadist_torch import (BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIndex, DataType,
-                                LayerSynchronizer, LLMClusterInfo, LLMConfig, LLMDataDist,
-                                LLMException, LLMRole, Placement, TransferConfig,
-                                TransferWithCacheKeyConfig)
+                                LayerSynchronizer, LLMConfig, LLMDataDist, LLMException, LLMRole,
+                                Placement, TransferConfig, TransferWithCacheKeyConfig)
 
-from harness import serve, shm_files
+from harness import serve
+from helpers import cluster_info, pattern, shm_files
 
 DTYPE = DataType.DT_FLOAT16
 TORCH_DTYPE = torch.float16
@@ -40,10 +40,9 @@ def new_cluster_id() -> int:
     return next(_cluster_ids)
 
 
-def pattern(seed: int, index: int, nbytes: int) -> torch.Tensor:
+def tensor_pattern(seed: int, index: int, nbytes: int) -> torch.Tensor:
     """Deterministic bytes for tensor `index` of a cache filled with `seed`."""
-    generator = torch.Generator().manual_seed(seed * 1009 + index)
-    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=generator)
+    return pattern(nbytes, seed * 1009 + index)
 
 
 def tensor_bytes(shape) -> int:
@@ -53,7 +52,7 @@ def tensor_bytes(shape) -> int:
 def expected(seed: int, num_tensors: int, shape) -> List[torch.Tensor]:
     """Initial contents of a cache, one [slots, bytes per slot] uint8 tensor per cache tensor."""
     nbytes = tensor_bytes(shape)
-    return [pattern(seed, i, nbytes).view(shape[0], -1).clone() for i in range(num_tensors)]
+    return [tensor_pattern(seed, i, nbytes).view(shape[0], -1).clone() for i in range(num_tensors)]
 
 
 def as_slots(raw: List[bytes], slots: int) -> List[torch.Tensor]:
@@ -161,7 +160,7 @@ class Agent:
     def fill(self, name: str, seed: int) -> None:
         for index, tensor in enumerate(self._tensors(name)):
             raw = tensor.view(-1).view(torch.uint8)
-            raw.copy_(pattern(seed, index, raw.numel()))
+            raw.copy_(tensor_pattern(seed, index, raw.numel()))
 
     def read(self, name: str) -> List[bytes]:
         return [t.reshape(-1).view(torch.uint8).numpy().tobytes() for t in self._tensors(name)]
@@ -182,10 +181,7 @@ class Agent:
 
     # -- links
     def link(self, remote_cluster_id: int, port: int, timeout: int = 5000) -> dict:
-        info = LLMClusterInfo()
-        info.remote_cluster_id = remote_cluster_id
-        info.append_local_ip_info(LOCAL_IP, 0)
-        info.append_remote_ip_info(LOCAL_IP, port)
+        info = cluster_info(remote_cluster_id, port, LOCAL_IP, LOCAL_IP)
         start = time.perf_counter()
         overall, per_cluster = self.dd.link_clusters([info], timeout)
         elapsed_ms = (time.perf_counter() - start) * 1e3
@@ -193,13 +189,8 @@ class Agent:
 
     def link_many(self, peers: List[tuple], timeout: int = 5000) -> dict:
         """One link_clusters call for several (remote_cluster_id, port) servers."""
-        infos = []
-        for remote_cluster_id, port in peers:
-            info = LLMClusterInfo()
-            info.remote_cluster_id = remote_cluster_id
-            info.append_local_ip_info(LOCAL_IP, 0)
-            info.append_remote_ip_info(LOCAL_IP, port)
-            infos.append(info)
+        infos = [cluster_info(remote_cluster_id, port, LOCAL_IP, LOCAL_IP)
+                 for remote_cluster_id, port in peers]
         overall, per_cluster = self.dd.link_clusters(infos, timeout)
         return {"overall": int(overall), "per": [int(c) for c in per_cluster]}
 
@@ -211,11 +202,7 @@ class Agent:
 
     def unlink(self, remote_cluster_id: int, port: Optional[int] = None, force: bool = False,
                timeout: int = 3000) -> dict:
-        info = LLMClusterInfo()
-        info.remote_cluster_id = remote_cluster_id
-        if port is not None:
-            info.append_local_ip_info(LOCAL_IP, 0)
-            info.append_remote_ip_info(LOCAL_IP, port)
+        info = cluster_info(remote_cluster_id, port, LOCAL_IP, LOCAL_IP)
         overall, per_cluster = self.dd.unlink_clusters([info], timeout, force=force)
         return {"overall": int(overall), "per": [int(c) for c in per_cluster]}
 
@@ -346,7 +333,7 @@ class Agent:
                         dst_block_indices=None, dst_block_memory_size=None,
                         refuse_layer: Optional[int] = None, raise_layer: Optional[int] = None) -> dict:
         """`transfer_cache_async` of cache `name`, started before its layers are computed: the
-        K and V of layer L get `pattern(seed, ...)` only after the start, and the synchronizer
+        K and V of layer L get `tensor_pattern(seed, ...)` only after the start, and the synchronizer
         lets layer L go once it is written, so only a push that waited can deliver those bytes.
 
         `configs`: ("addrs", cluster_id, dst_addrs, src_range, batch) or
@@ -383,7 +370,7 @@ class Agent:
         for layer in range(layers):
             for index in (2 * layer, 2 * layer + 1):
                 raw = tensors[index].view(-1).view(torch.uint8)
-                raw.copy_(pattern(seed, index, raw.numel()))
+                raw.copy_(tensor_pattern(seed, index, raw.numel()))
             written[layer].set()
         final = task.synchronize(60_000)
         results = task.get_results(60_000)
@@ -411,5 +398,5 @@ def agent(conn) -> None:
         instance.finalize()
 
 
-__all__ = ["Agent", "agent", "as_slots", "expected", "key", "new_cluster_id", "pattern",
-           "tensor_bytes"]
+__all__ = ["Agent", "agent", "as_slots", "expected", "key", "new_cluster_id", "tensor_bytes",
+           "tensor_pattern"]

@@ -1,13 +1,13 @@
-"""Parent-side checks shared by the integration tests: byte models of caches, error codes."""
-import contextlib
-import time
+"""Parent-side checks shared by the integration tests: byte models of caches, error codes in
+children, a linked prompt/decoder pair."""
 import types
 
 import pytest
 import torch
 
 from agents import agent, as_slots, expected, new_cluster_id, tensor_bytes
-from harness import ChildError, assert_no_shm_files
+from harness import ChildError
+from helpers import assert_no_shm_files, raises_llm
 from llm_datadist_torch import LLMStatusCode
 
 SYNC_TIMEOUT_MS = 10_000         # long: "fails at once" must not mean "after a timeout"
@@ -37,18 +37,9 @@ class Model:
                             f"{int(want[bad[0], bad[1]])}")
 
 
-@contextlib.contextmanager
 def raises_code(code: LLMStatusCode, within_s: float = None):
     """The block raises LLMException(code) in the child, within `within_s` seconds if given."""
-    start = time.monotonic()
-    with pytest.raises(ChildError) as info:
-        yield info
-    elapsed = time.monotonic() - start
-    assert info.value.exc_type == "LLMException", info.value
-    assert info.value.status_code == int(code), (
-        f"expected {code.name}, got {info.value.status_code}: {info.value.message}")
-    if within_s is not None:
-        assert elapsed < within_s, f"{code.name} after {elapsed:.2f} s, expected < {within_s} s"
+    return raises_llm(code, within_s=within_s, raised=ChildError)
 
 
 def start_pair(h, prompt_kwargs=None, decoder_kwargs=None, link=True, prompt_env=None):

@@ -27,15 +27,12 @@ import contextlib
 import multiprocessing
 import os
 import signal
-import socket
 import sys
 import threading
 import time
 import traceback
 from typing import Any, Callable, Dict, List, Optional
 
-SHM_DIR = "/dev/shm"
-SHM_PREFIX = "llm_datadist_torch"
 DEFAULT_TIMEOUT_S = 30.0
 _ERROR = "__harness_child_error__"
 _RESULT = "__harness_result__"
@@ -65,22 +62,6 @@ class ChildTimeout(AssertionError):
 
 class ChildDied(AssertionError):
     """A child exited without sending what the parent waited for."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago (only where a port must be known in advance)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def shm_files(pid: int) -> List[str]:
-    """The library's /dev/shm arena files owned by process `pid`."""
-    marker = f"{SHM_PREFIX}.{pid}."
-    try:
-        return sorted(name for name in os.listdir(SHM_DIR) if name.startswith(marker))
-    except OSError:
-        return []
 
 
 def _describe_exception(exc: BaseException):
@@ -312,12 +293,3 @@ class Harness:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def assert_no_shm_files(pid: int, timeout: float = 2.0) -> None:
-    """After `pid` exited cleanly, none of its /dev/shm arena files may remain."""
-    deadline = time.monotonic() + timeout
-    while shm_files(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    leftover = shm_files(pid)
-    assert not leftover, f"process {pid} left shared-memory files behind: {leftover}"

@@ -24,6 +24,7 @@ import pytest
 
 import agents
 from harness import serve
+from helpers import cluster_info
 
 PREFIX = "lldt"                 # namespace / device names start with this
 CLONE_NEWNET = 0x40000000
@@ -120,19 +121,13 @@ class NetAgent(agents.Agent):
         self.ip = ip
 
     def link_to(self, remote_cluster_id: int, remote_ip: str, port: int, timeout: int = 5000) -> dict:
-        info = agents.LLMClusterInfo()
-        info.remote_cluster_id = remote_cluster_id
-        info.append_local_ip_info(self.ip, 0)
-        info.append_remote_ip_info(remote_ip, port)
+        info = cluster_info(remote_cluster_id, port, remote_ip, self.ip)
         overall, per_cluster = self.dd.link_clusters([info], timeout)
         return {"overall": int(overall), "per": [int(c) for c in per_cluster]}
 
     def unlink_from(self, remote_cluster_id: int, remote_ip: str, port: int, force: bool = False,
                     timeout: int = 3000) -> dict:
-        info = agents.LLMClusterInfo()
-        info.remote_cluster_id = remote_cluster_id
-        info.append_local_ip_info(self.ip, 0)
-        info.append_remote_ip_info(remote_ip, port)
+        info = cluster_info(remote_cluster_id, port, remote_ip, self.ip)
         overall, per_cluster = self.dd.unlink_clusters([info], timeout, force=force)
         return {"overall": int(overall), "per": [int(c) for c in per_cluster]}
 

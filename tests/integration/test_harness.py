@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from harness import ChildDied, ChildError, ChildTimeout, Harness, free_port, serve
+from harness import ChildDied, ChildError, ChildTimeout, Harness, serve
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(60)]
 
@@ -70,10 +70,3 @@ def test_deadlines_and_cleanup():
         assert silent.join(5) == 7
         pids = [child.pid, stopped.pid]
     assert not any(alive(pid) for pid in pids), "a child outlived its harness"
-
-
-def test_free_port_is_bindable():
-    import socket
-    port = free_port()
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", port))

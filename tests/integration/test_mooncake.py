@@ -7,7 +7,6 @@ the pull fails within its timeout, and after the cable is back the decoder unlin
 links again and pulls.
 """
 import contextlib
-import importlib
 import os
 import time
 import types
@@ -15,29 +14,16 @@ import types
 import pytest
 
 from agents import key, new_cluster_id
-from checks import Model, raises_code
+from checks import B_SHAPE, C_SHAPE, D_C_SHAPE, SYNC_TIMEOUT_MS, Model, raises_code
 from harness import Harness
+from helpers import mooncake_missing
 from llm_datadist_torch import LLMStatusCode
 from netns import VethPair, netns_agent
 
-
-def _mooncake_missing():
-    try:
-        importlib.import_module("mooncake.engine")
-    except ImportError as exc:
-        return f"Mooncake is not installed ({exc}); pip install \"llm_datadist_torch[mooncake]\""
-    return None
-
-
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(120),
-              pytest.mark.skipif(_mooncake_missing() is not None,
-                                 reason=_mooncake_missing() or "")]
+              pytest.mark.skipif(mooncake_missing() is not None, reason=mooncake_missing() or "")]
 
-SYNC_TIMEOUT_MS = 10_000
-FAST_S = 2.0
-C_SHAPE = [4, 8, 16]          # 4 slots of 256 bytes per tensor
-D_C_SHAPE = [3, 8, 16]
-B_SHAPE = [8, 4, 2, 8]        # 8 blocks of 128 bytes per tensor
+FAST_S = 2.0                  # over mooncake (checks.FAST_S: 1 s)
 L_SHAPE = [64, 16, 1024]      # 64 blocks of 32 KiB per tensor: 8 MiB over 4 tensors
 BIG_BLOCK = [512, 1024]       # 1 MiB blocks (fp16)
 

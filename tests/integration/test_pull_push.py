@@ -2,7 +2,7 @@
 
 Every check is byte-exact over the whole destination cache: the moved region must hold the
 source's bytes and everything else its own earlier bytes. Caches hold deterministic patterns
-(`agents.pattern`) so the parent models what each byte must be (`Model`).
+(`agents.tensor_pattern`) so the parent models what each byte must be (`Model`).
 """
 import signal
 import time
@@ -12,7 +12,8 @@ import pytest
 from agents import key, new_cluster_id
 from checks import (B_SHAPE, BLOCK, C_SHAPE, D_C_SHAPE, FAST_S, SLOT, Model, raises_code, start_pair,
                     stop_pair)
-from harness import ChildError, assert_no_shm_files
+from harness import ChildError
+from helpers import assert_no_shm_files
 from llm_datadist_torch import LLMStatusCode
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(90)]

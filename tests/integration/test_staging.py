@@ -3,14 +3,14 @@ takes. Forced here on CPU memory (LLM_DATADIST_TORCH_STAGE_TRANSFERS=1 on the re
 the staging copies, chunking and key release run for real between two processes."""
 import multiprocessing
 import os
-import socket
 
 import pytest
 import torch
 
-from llm_datadist_torch import (BlocksCacheKey, CacheDesc, CacheKey, DataType, LLMClusterInfo,
-                                LLMConfig, LLMDataDist, LLMException, LLMRole, LLMStatusCode,
-                                Placement)
+from helpers import cluster_info, raises_llm
+from llm_datadist_torch import (BlocksCacheKey, CacheDesc, CacheKey, DataType, LLMConfig,
+                                LLMDataDist, LLMRole, LLMStatusCode, Placement)
+from llm_datadist_torch.control.host import free_port
 
 pytestmark = pytest.mark.multiprocess
 
@@ -61,18 +61,12 @@ def owner_main(conn, port):
 
 
 def link_to_owner(datadist, port):
-    cluster = LLMClusterInfo()
-    cluster.remote_cluster_id = OWNER
-    cluster.append_local_ip_info("127.0.0.1", 0)
-    cluster.append_remote_ip_info("127.0.0.1", port)
-    assert datadist.link_clusters([cluster], 5000)[0] == LLMStatusCode.LLM_SUCCESS
+    assert datadist.link_clusters([cluster_info(OWNER, port)], 5000)[0] == LLMStatusCode.LLM_SUCCESS
 
 
 @pytest.fixture
 def owner():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     ctx = multiprocessing.get_context("spawn")
     conn, child_conn = ctx.Pipe()
     process = ctx.Process(target=owner_main, args=(child_conn, port), daemon=True)
@@ -120,9 +114,8 @@ def test_pulls_and_pushes_go_through_the_staging_area(owner, monkeypatch):
         conn.send("keys")
         keys = conn.recv()
         assert ("req", 11, 0) in keys and ("req", 12, 0) not in keys
-        with pytest.raises(LLMException) as info:
+        with raises_llm(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST):
             manager.pull_cache(CacheKey(OWNER, 12), slots, 0)
-        assert info.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
     finally:
         datadist.finalize()
 

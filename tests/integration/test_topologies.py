@@ -9,8 +9,10 @@ import pytest
 
 from agents import agent, key, new_cluster_id
 from checks import B_SHAPE, FAST_S, Model, raises_code
-from harness import ChildError, assert_no_shm_files, free_port, shm_files
+from harness import ChildError
+from helpers import assert_no_shm_files, shm_files
 from llm_datadist_torch import LLMStatusCode
+from llm_datadist_torch.control.host import free_port
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(90)]
 

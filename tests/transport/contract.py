@@ -2,8 +2,8 @@
 
 A test module subclasses `TransportContract`, names its transport and provides `make_owner()`:
 an `Owner` is the peer that owns the remote memory (this process for `local`; a spawned child
-for `shm` and `cma`). Each region starts filled with `pattern(i, nbytes)`; the child answers
-simple commands over a Pipe so the parent can verify writes.
+for `shm` and `cma`). Each region starts filled with `region_contents(i, nbytes)`; the child
+answers simple commands over a Pipe (`serve_regions`) so the parent can verify writes.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import ClassVar, List
 import pytest
 import torch
 
+from helpers import i64, pattern, raises_llm
 from llm_datadist_torch.core.descriptors import Region
 from llm_datadist_torch.status import LLMException, LLMStatusCode
 from llm_datadist_torch.transport import (TRANSPORTS, Peer, TransferItem,
@@ -28,14 +29,9 @@ REPLY_TIMEOUT_S = 20
 PARAM = LLMStatusCode.LLM_PARAM_INVALID
 
 
-def pattern(index: int, nbytes: int) -> torch.Tensor:
-    """The known contents of region `index` (also used for local buffers, with other seeds)."""
-    generator = torch.Generator().manual_seed(1000 + index)
-    return torch.randint(0, 256, (nbytes,), dtype=torch.uint8, generator=generator)
-
-
-def i64(values) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64)
+def region_contents(index: int, nbytes: int) -> torch.Tensor:
+    """The known contents of region `index`."""
+    return pattern(nbytes, 1000 + index)
 
 
 # ---- owners ---------------------------------------------------------------------------------
@@ -64,7 +60,7 @@ class LocalOwner(Owner):
     """Regions are plain tensors of this process."""
 
     def __init__(self, device: str = "cpu"):
-        self.tensors = [pattern(i, n).to(device) for i, n in enumerate(REGION_SIZES)]
+        self.tensors = [region_contents(i, n).to(device) for i, n in enumerate(REGION_SIZES)]
         self.regions = [Region(t.data_ptr(), t.numel(), str(t.device)) for t in self.tensors]
         self.peer = Peer(os.getpid(), same_process=True, same_host=True)
 
@@ -73,7 +69,7 @@ class LocalOwner(Owner):
 
     def reset(self) -> None:
         for i, t in enumerate(self.tensors):
-            t.copy_(pattern(i, t.numel()))
+            t.copy_(region_contents(i, t.numel()))
 
 
 class ChildOwner(Owner):
@@ -83,18 +79,21 @@ class ChildOwner(Owner):
     can_die = True
 
     def __init__(self, kind: str):
+        pid, self.regions = self._spawn(_child_main, kind, os.getpid())
+        self.peer = Peer(pid, same_process=False, same_host=True)
+
+    def _spawn(self, target, *args):
+        """Start `target(conn, *args)` in a spawned child; its first answer (what it owns)."""
         ctx = multiprocessing.get_context("spawn")
         self._conn, child_conn = ctx.Pipe()
-        self._process = ctx.Process(target=_child_main, args=(child_conn, kind, os.getpid()),
-                                    daemon=True)
+        self._process = ctx.Process(target=target, args=(child_conn, *args), daemon=True)
         self._process.start()
         child_conn.close()
         try:
-            pid, self.regions = self._reply()
+            return self._reply()
         except BaseException:
             self.close()
             raise
-        self.peer = Peer(pid, same_process=False, same_host=True)
 
     def _reply(self):
         if not self._conn.poll(REPLY_TIMEOUT_S):
@@ -168,31 +167,38 @@ def _child_main(conn, kind: str, parent_pid: int) -> None:
             regions = [Region(t.data_ptr(), t.numel()) for t in tensors]
             grant_access({parent_pid})
         for i, t in enumerate(tensors):
-            t.copy_(pattern(i, t.numel()))
+            t.copy_(region_contents(i, t.numel()))
         conn.send(("ok", (os.getpid(), regions)))
-        while True:
-            try:
-                cmd = conn.recv()
-            except EOFError:  # the parent is gone
-                return
-            if cmd[0] == "exit":
-                return
-            if cmd[0] == "read":
-                conn.send(("ok", tensors[cmd[1]].numpy().tobytes()))
-            elif cmd[0] == "reset":
-                for i, t in enumerate(tensors):
-                    t.copy_(pattern(i, t.numel()))
-                conn.send(("ok", None))
-            elif cmd[0] == "unlink":  # what finalize does to the name; the pages stay mapped
-                os.unlink(arena.shm_path)
-                conn.send(("ok", None))
-            else:
-                conn.send(("error", f"unknown command {cmd!r}"))
+        serve_regions(conn, tensors, arena)
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which fails the test
         conn.send(("error", repr(exc)))
     finally:
         if arena is not None:
             arena.close()
+
+
+def serve_regions(conn, tensors: List[torch.Tensor], arena=None) -> None:
+    """In an owner child: answer the parent's commands on `tensors` until it says "exit" or is
+    gone. "read" sends a region's bytes, "reset" refills every region with its
+    `region_contents`, "unlink" (shm: `arena` given) removes the arena file's name."""
+    while True:
+        try:
+            cmd = conn.recv()
+        except EOFError:  # the parent is gone
+            return
+        if cmd[0] == "exit":
+            return
+        if cmd[0] == "read":
+            conn.send(("ok", tensors[cmd[1]].numpy().tobytes()))
+        elif cmd[0] == "reset":
+            for i, t in enumerate(tensors):
+                t.copy_(region_contents(i, t.numel()))
+            conn.send(("ok", None))
+        elif cmd[0] == "unlink" and arena is not None:  # what finalize does to the name; the
+            os.unlink(arena.shm_path)                    # pages stay mapped
+            conn.send(("ok", None))
+        else:
+            conn.send(("error", f"unknown command {cmd!r}"))
 
 
 # ---- segment plans ---------------------------------------------------------------------------
@@ -217,7 +223,7 @@ class Plan:
         self.segments = []  # (region index, remote offset, local offset, length)
         start = 0
         self.local_size = odd_at + 8 * (BLOCK + 4096)
-        self.local = pattern(900 + seed, self.local_size).to(local_device)
+        self.local = pattern(self.local_size, 1900 + seed).to(local_device)
         for index, (region, blocks) in enumerate(zip(regions, per_region)):
             slots = local_slots[start:start + blocks.numel()]
             start += blocks.numel()
@@ -250,11 +256,7 @@ class Plan:
 
 
 def original(regions: List[Region]) -> List[torch.Tensor]:
-    return [pattern(i, r.nbytes) for i, r in enumerate(regions)]
-
-
-def assert_code(excinfo, code: LLMStatusCode) -> None:
-    assert excinfo.value.status_code == code, excinfo.value
+    return [region_contents(i, r.nbytes) for i, r in enumerate(regions)]
 
 
 # ---- the contract ------------------------------------------------------------------------------
@@ -371,9 +373,8 @@ class TransportContract:
             length = -1
         bad = TransferItem(region, i64([remote]), plan.local, i64([local]), i64([length]))
         local_before = plan.local.cpu().clone()
-        with pytest.raises(LLMException) as excinfo:
+        with raises_llm(PARAM) as excinfo:
             getattr(transport, direction)(plan.items + [bad], 10.0)  # valid items come first
-        assert_code(excinfo, PARAM)
         assert str(owner.peer.pid) in str(excinfo.value)
         assert torch.equal(plan.local.cpu(), local_before)
         self.assert_remote_untouched(owner)
@@ -388,12 +389,11 @@ class TransportContract:
             TransferItem(region, i64([[0]]), local, i64([[0]]), i64([[4]])),
         ]
         for item in cases:
-            with pytest.raises(LLMException) as excinfo:
+            with raises_llm(PARAM):
                 transport.read([item], 10.0)
-            assert_code(excinfo, PARAM)
 
     def test_zero_items_and_empty_segments(self, owner, transport):
-        local = pattern(50, BLOCK).to(self.local_device)
+        local = pattern(BLOCK, 1050).to(self.local_device)
         before = local.cpu().clone()
         region = owner.regions[0]
         assert transport.read([], 1.0) == 0
@@ -408,9 +408,8 @@ class TransportContract:
     def test_expired_deadline_copies_nothing(self, owner, transport):
         plan = Plan(owner.regions, seed=6, local_device=self.local_device)
         before = plan.local.cpu().clone()
-        with pytest.raises(LLMException) as excinfo:
+        with raises_llm(LLMStatusCode.LLM_TIMEOUT):
             transport.read(plan.items, 0)
-        assert_code(excinfo, LLMStatusCode.LLM_TIMEOUT)
         assert torch.equal(plan.local.cpu(), before)
 
     # -- lifetime --
@@ -420,9 +419,8 @@ class TransportContract:
         transport.read(plan.items, 10.0)
         transport.close()
         transport.close()
-        with pytest.raises(LLMException) as excinfo:
+        with raises_llm(LLMStatusCode.LLM_NOT_YET_LINK):
             transport.read(plan.items, 10.0)
-        assert_code(excinfo, LLMStatusCode.LLM_NOT_YET_LINK)
 
     def test_peer_killed(self, fresh_owner):
         if not fresh_owner.can_die:
@@ -434,9 +432,8 @@ class TransportContract:
             fresh_owner.kill()  # SIGKILL, reaped, its shm files swept
             fresh = self.new_transport(fresh_owner)
             for direction in ("read", "write"):
-                with pytest.raises(LLMException) as excinfo:
+                with raises_llm(LLMStatusCode.LLM_LINK_FAILED) as excinfo:
                     getattr(fresh, direction)(plan.items, 10.0)
-                assert_code(excinfo, LLMStatusCode.LLM_LINK_FAILED)
                 assert str(fresh_owner.peer.pid) in str(excinfo.value)
             fresh.close()
             if self.mapped_survives_peer:
@@ -446,9 +443,8 @@ class TransportContract:
                 assert used.read(plan.items, 10.0) == plan.nbytes
                 assert torch.equal(plan.local.cpu(), expected)
             else:
-                with pytest.raises(LLMException) as excinfo:
+                with raises_llm(LLMStatusCode.LLM_LINK_FAILED):
                     used.read(plan.items, 10.0)
-                assert_code(excinfo, LLMStatusCode.LLM_LINK_FAILED)
         finally:
             used.close()
 
@@ -476,16 +472,14 @@ class TransportContract:
         region = Region(0x10000, 4096, device, shm, 0)
         for forced in (None, "", "auto", "hixl"):
             if auto is None:
-                with pytest.raises(LLMException) as excinfo:
+                with raises_llm(LLMStatusCode.LLM_FEATURE_NOT_ENABLED):
                     choose_transport(peer, region, forced)
-                assert_code(excinfo, LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
             else:
                 assert choose_transport(peer, region, forced) is TRANSPORTS[auto]
         for forced in ("local", "shm", "cma", "mooncake", "bogus"):
             if forced in allowed:
                 assert choose_transport(peer, region, forced) is TRANSPORTS[forced]
             else:
-                with pytest.raises(LLMException) as excinfo:
+                with raises_llm(LLMStatusCode.LLM_FEATURE_NOT_ENABLED) as excinfo:
                     choose_transport(peer, region, forced)
-                assert_code(excinfo, LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
                 assert forced in str(excinfo.value)

@@ -6,7 +6,8 @@ import os
 import pytest
 import torch
 
-from contract import BLOCK, PARAM, ChildOwner, TransportContract, assert_code, i64
+from contract import BLOCK, PARAM, ChildOwner, TransportContract
+from helpers import assert_code, i64
 from llm_datadist_torch.core.descriptors import Region
 from llm_datadist_torch import _C
 from llm_datadist_torch.status import LLMException, LLMStatusCode

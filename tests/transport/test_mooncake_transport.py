@@ -3,10 +3,7 @@ no Mooncake needed), refusal of device memory, the missing-package path, and, wh
 installed, two clusters in this process on "different hosts" that pick mooncake by themselves.
 Two processes and two network namespaces: tests/integration/test_mooncake.py.
 """
-import importlib
-import multiprocessing
 import os
-import socket
 import sys
 import threading
 import time
@@ -16,26 +13,16 @@ import pytest
 import torch
 
 import llm_datadist_torch.control.links as links_module
+from helpers import cluster_info, i64, mooncake_missing, raises_llm
+from llm_datadist_torch.control.host import free_port
 from llm_datadist_torch.core.descriptors import Region
-from llm_datadist_torch import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig,
-                                LLMDataDist, LLMRole, Placement)
+from llm_datadist_torch import (BlocksCacheKey, CacheDesc, DataType, LLMConfig, LLMDataDist,
+                                LLMRole, Placement)
 from llm_datadist_torch.transport.mooncake import agent as mooncake_agent
-from llm_datadist_torch.status import LLMException, LLMStatusCode
+from llm_datadist_torch.status import LLMStatusCode
 from llm_datadist_torch.transport import (TRANSPORTS, MooncakeTransport, Peer,
                                           TransferItem, choose_transport)
 from llm_datadist_torch.transport.mooncake.transport import coalesce
-
-
-def i64(values):
-    return torch.tensor(values, dtype=torch.int64)
-
-
-def _mooncake_missing():
-    try:
-        importlib.import_module("mooncake.engine")
-    except ImportError as exc:
-        return f"Mooncake is not installed: {exc}"
-    return None
 
 
 # ---- segment merging ----------------------------------------------------------------------------
@@ -103,19 +90,15 @@ def test_one_merged_batch_per_transfer():
     (FakeAgent(error=RuntimeError("boom")), LLMStatusCode.LLM_FAILED),
 ])
 def test_failures_map_to_status_codes(agent, code):
-    with pytest.raises(LLMException) as excinfo:
+    with raises_llm(code) as excinfo:
         _transport(agent).read([_item()], 5.0)
-    assert excinfo.value.status_code == code
     assert "10.0.0.2:1234" in str(excinfo.value)
 
 
 def test_a_stuck_call_times_out_within_the_deadline():
     agent = FakeAgent(delay_s=1.5)
-    start = time.monotonic()
-    with pytest.raises(LLMException) as excinfo:
+    with raises_llm(LLMStatusCode.LLM_TIMEOUT, within_s=1.0) as excinfo:
         _transport(agent).read([_item()], 0.2)
-    assert time.monotonic() - start < 1.0
-    assert excinfo.value.status_code == LLMStatusCode.LLM_TIMEOUT
     call = excinfo.value.in_flight  # handed to the caller, which keeps its memory until done
     done = threading.Event()
     call.add_done_callback(done.set)
@@ -127,9 +110,8 @@ def test_device_memory_is_refused():
     item = _item()
     device_item = TransferItem(Region(0x10000, item.local.numel(), "cuda:0"),
                                item.remote_offsets, item.local, item.local_offsets, item.lengths)
-    with pytest.raises(LLMException) as excinfo:
+    with raises_llm(LLMStatusCode.LLM_FEATURE_NOT_ENABLED) as excinfo:
         _transport(agent).read([device_item], 5.0)
-    assert excinfo.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
     assert "CPU memory only" in str(excinfo.value)
     assert not agent.calls
 
@@ -141,18 +123,11 @@ def test_selection():
     near = Peer(4321, False, True, mooncake_endpoint="127.0.0.1:1", mooncake_agent=FakeAgent())
     assert choose_transport(near, region) is TRANSPORTS["cma"]        # same host: cma first
     assert choose_transport(near, region, "mooncake") is MooncakeTransport
-    with pytest.raises(LLMException) as excinfo:                      # no agent on the far end
+    with raises_llm(LLMStatusCode.LLM_FEATURE_NOT_ENABLED):          # no agent on the far end
         choose_transport(Peer(4321, False, False), region, "mooncake")
-    assert excinfo.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
 
 
 # ---- clusters in this process -----------------------------------------------------------------
-def _free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _options(listen=None, backend=None):
     config = LLMConfig()
     config.device_id = 0
@@ -184,11 +159,7 @@ def clusters(monkeypatch, cpu_device):
 
 
 def _link(decoder, prompt_id, port):
-    info = LLMClusterInfo()
-    info.remote_cluster_id = prompt_id
-    info.append_local_ip_info("127.0.0.1", 0)
-    info.append_remote_ip_info("127.0.0.1", port)
-    return decoder.link_clusters([info], 5000)
+    return decoder.link_clusters([cluster_info(prompt_id, port)], 5000)
 
 
 @pytest.fixture
@@ -200,9 +171,8 @@ def no_mooncake(monkeypatch):
 
 
 def test_missing_package_names_the_install(no_mooncake):
-    with pytest.raises(LLMException) as excinfo:
+    with raises_llm(LLMStatusCode.LLM_FEATURE_NOT_ENABLED) as excinfo:
         mooncake_agent.import_transfer_engine()
-    assert excinfo.value.status_code == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
     assert 'pip install "llm_datadist_torch[mooncake]"' in str(excinfo.value)
     assert "libibverbs1" in str(excinfo.value)
 
@@ -214,29 +184,29 @@ def test_missing_package_names_the_install(no_mooncake):
 ])
 def test_links_needing_mooncake_fail_without_it(no_mooncake, clusters, prompt_backend,
                                                 decoder_backend, decoder_host):
-    port = _free_port()
+    port = free_port()
     clusters(LLMRole.PROMPT, 101, "host-a", f"127.0.0.1:{port}", prompt_backend)
     decoder = clusters(LLMRole.DECODER, 102, decoder_host,
-                       f"127.0.0.1:{_free_port()}" if decoder_backend else None, decoder_backend)
+                       f"127.0.0.1:{free_port()}" if decoder_backend else None, decoder_backend)
     overall, per = _link(decoder, 101, port)
     assert per == [LLMStatusCode.LLM_FEATURE_NOT_ENABLED]
     assert overall == LLMStatusCode.LLM_FEATURE_NOT_ENABLED
 
 
 def test_same_host_links_never_start_mooncake(no_mooncake, clusters):
-    port = _free_port()
+    port = free_port()
     prompt = clusters(LLMRole.PROMPT, 111, "host-a", f"127.0.0.1:{port}")
     decoder = clusters(LLMRole.DECODER, 112, "host-a")
     assert _link(decoder, 111, port)[0] == LLMStatusCode.LLM_SUCCESS
     assert prompt._links._agent is None and decoder._links._agent is None
 
 
-@pytest.mark.skipif(_mooncake_missing() is not None, reason=_mooncake_missing() or "")
+@pytest.mark.skipif(mooncake_missing() is not None, reason=mooncake_missing() or "")
 def test_other_host_picks_mooncake_both_ways(clusters):
     """Automatic selection with differing host ids: the server starts its agent at the hello,
     the client after the reply (and sends its endpoint); both directions use mooncake; memory
     registered after the link is reachable, and forgotten by Mooncake once unregistered."""
-    port = _free_port()
+    port = free_port()
     prompt = clusters(LLMRole.PROMPT, 121, "host-a", f"127.0.0.1:{port}")
     decoder = clusters(LLMRole.DECODER, 122, "host-b")
     assert _link(decoder, 121, port)[0] == LLMStatusCode.LLM_SUCCESS
@@ -266,9 +236,9 @@ def test_other_host_picks_mooncake_both_ways(clusters):
         time.sleep(0.005)
 
 
-@pytest.mark.skipif(_mooncake_missing() is not None, reason=_mooncake_missing() or "")
+@pytest.mark.skipif(mooncake_missing() is not None, reason=mooncake_missing() or "")
 def test_an_agent_for_one_link_starts_none_for_same_host_peers(clusters):
-    far_port, near_port = _free_port(), _free_port()
+    far_port, near_port = free_port(), free_port()
     clusters(LLMRole.PROMPT, 131, "host-b", f"127.0.0.1:{far_port}")
     near = clusters(LLMRole.PROMPT, 132, "host-a", f"127.0.0.1:{near_port}")
     decoder = clusters(LLMRole.DECODER, 133, "host-a")
@@ -319,7 +289,8 @@ def test_a_failing_or_abandoned_transfer_stops_its_batches():
 
 
 # ---- the transport contract, against a child process serving its regions through Mooncake ------
-from contract import REGION_SIZES, ChildOwner, TransportContract, pattern  # noqa: E402
+from contract import (REGION_SIZES, ChildOwner, TransportContract, region_contents,  # noqa: E402
+                      serve_regions)
 
 
 def _mooncake_owner_main(conn, parent_pid):
@@ -328,44 +299,20 @@ def _mooncake_owner_main(conn, parent_pid):
     try:
         engine = mooncake_agent.import_transfer_engine()()
         assert engine.initialize("127.0.0.1", "P2PHANDSHAKE", "tcp", "") == 0
-        tensors = [pattern(i, n) for i, n in enumerate(REGION_SIZES)]
+        tensors = [region_contents(i, n) for i, n in enumerate(REGION_SIZES)]
         for tensor in tensors:
             assert engine.register_memory(tensor.data_ptr(), tensor.numel()) == 0
         endpoint = f"127.0.0.1:{engine.get_rpc_port()}"
         regions = [Region(t.data_ptr(), t.numel()) for t in tensors]
         conn.send(("ok", (os.getpid(), endpoint, regions)))
-        while True:
-            try:
-                cmd = conn.recv()
-            except EOFError:
-                return
-            if cmd[0] == "exit":
-                return
-            if cmd[0] == "read":
-                conn.send(("ok", tensors[cmd[1]].numpy().tobytes()))
-            elif cmd[0] == "reset":
-                for i, t in enumerate(tensors):
-                    t.copy_(pattern(i, t.numel()))
-                conn.send(("ok", None))
-            else:
-                conn.send(("error", f"unknown command {cmd!r}"))
+        serve_regions(conn, tensors)
     except Exception as exc:  # noqa: BLE001 - reported to the parent
         conn.send(("error", repr(exc)))
 
 
 class MooncakeOwner(ChildOwner):
     def __init__(self, agent):  # noqa: D107 - same protocol as ChildOwner, another child
-        ctx = multiprocessing.get_context("spawn")
-        self._conn, child_conn = ctx.Pipe()
-        self._process = ctx.Process(target=_mooncake_owner_main, args=(child_conn, os.getpid()),
-                                    daemon=True)
-        self._process.start()
-        child_conn.close()
-        try:
-            pid, endpoint, self.regions = self._reply()
-        except BaseException:
-            self.close()
-            raise
+        pid, endpoint, self.regions = self._spawn(_mooncake_owner_main, os.getpid())
         self.peer = Peer(pid, same_process=False, same_host=True, mooncake_endpoint=endpoint,
                          mooncake_agent=agent)
 
@@ -377,7 +324,7 @@ def _bare_engine():
                                  table=table, pools={}, cluster_id=0, memory_listener=None)
 
 
-@pytest.mark.skipif(_mooncake_missing() is not None, reason=_mooncake_missing() or "")
+@pytest.mark.skipif(mooncake_missing() is not None, reason=mooncake_missing() or "")
 class TestMooncakeTransport(TransportContract):
     transport_name = "mooncake"
     _agent = None

@@ -3,7 +3,8 @@ import msgspec
 import pytest
 import torch
 
-from contract import (BLOCK, PARAM, ChildOwner, Plan, TransportContract, assert_code, i64)
+from contract import BLOCK, PARAM, ChildOwner, Plan, TransportContract
+from helpers import assert_code, i64
 from llm_datadist_torch.status import LLMException, LLMStatusCode
 from llm_datadist_torch.transport import ShmTransport, TransferItem
 

@@ -9,7 +9,7 @@ import torch
 from llm_datadist_torch import (BlocksCacheKey, Cache, CacheKey, DataType, KvCache, LLMStatusCode,
                                 MemInfo, Memtype, Placement)
 from llm_datadist_torch.data_type import to_torch_dtype
-from helpers import raises_llm, desc, raw, pattern
+from helpers import desc, fill, pattern, raises_llm, raw
 
 pytestmark = pytest.mark.usefixtures("cpu_device")
 
@@ -25,16 +25,6 @@ PAGE = 4096
 POOL_BYTES = 4 << 20
 
 # ---- helpers -----------------------------------------------------------------------------------
-
-
-def fill(manager, cache, seed: int):
-    """Write a distinct pattern into every tensor; returns copies of what was written."""
-    written = []
-    for index in range(cache.cache_desc.num_tensors):
-        view = raw(manager, cache, index)
-        view.copy_(pattern(view.numel(), seed + index))
-        written.append(view.clone())
-    return written
 
 
 def snapshot(manager, cache):

@@ -13,19 +13,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import sys
 from typing import Dict, List, Optional, Set, Tuple
 
 import numpy as np
-import pytest
 import torch
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from llm_datadist_torch import (BlocksCacheKey, Cache, CacheDesc, CacheKey, DataType, LLMDataDist,
-                                LLMException, LLMRole, LLMStatusCode, Placement)
+                                LLMRole, LLMStatusCode, Placement)
+from helpers import raises_llm, shm_files
 
 # 64 pages: big enough for several caches, small enough that random sequences run it full
 # and fragment it (with 1 MiB pools they hardly ever do).
@@ -33,7 +32,6 @@ POOL_BYTES = 256 << 10
 PAGE_SHIFT = 12
 PAGE = 1 << PAGE_SHIFT
 INVALID = 2**64 - 1
-SHM_PREFIX = "llm_datadist_torch"
 
 PARAM = LLMStatusCode.LLM_PARAM_INVALID
 NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
@@ -172,9 +170,8 @@ class ModelCache:
 
 
 def expect_code(code: LLMStatusCode, call, *args, **kwargs) -> None:
-    with pytest.raises(LLMException) as info:
+    with raises_llm(code):
         call(*args, **kwargs)
-    assert info.value.status_code == code, (info.value.status_code, info.value)
     note_outcome(code.name, depth=2)
 
 
@@ -186,7 +183,7 @@ def note_outcome(outcome: str, depth: int = 1) -> None:
 class CacheModelMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
-        self.shm_before = self._shm_files()
+        self.shm_before = set(shm_files())
         self.dd = LLMDataDist(LLMRole.PROMPT, 1)
         pool = '{"memory_size": %d, "page_shift": %d}' % (POOL_BYTES, PAGE_SHIFT)
         self.dd.init({"llm.EnableCacheManager": "1", "llm.MemPoolConfig": pool,
@@ -200,14 +197,9 @@ class CacheModelMachine(RuleBasedStateMachine):
         self.next_id = 1
         self.registered_bytes = 0
 
-    @staticmethod
-    def _shm_files() -> Set[str]:
-        marker = f"{SHM_PREFIX}.{os.getpid()}."
-        return {name for name in os.listdir("/dev/shm") if name.startswith(marker)}
-
     def teardown(self):
         self.dd.finalize()
-        assert self._shm_files() <= self.shm_before, "finalize left /dev/shm arena files"
+        assert set(shm_files()) <= self.shm_before, "finalize left /dev/shm arena files"
 
     # ---- model helpers ---------------------------------------------------------------------
     def _new_id(self) -> int:

@@ -1,13 +1,9 @@
 """The one chunker behind the staging area and the bounce buffer: splitting keeps every byte
 in place, chunks fill the buffer and never exceed it, in order."""
 import pytest
-import torch
 
 from llm_datadist_torch.memory.chunks import pack, split_segments
-
-
-def i64(values):
-    return torch.tensor(values, dtype=torch.int64)
+from helpers import i64
 
 
 def test_split_segments_keeps_every_byte_in_place():

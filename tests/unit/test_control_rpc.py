@@ -11,7 +11,7 @@ import pytest
 import zmq
 
 from llm_datadist_torch.control import codec
-from llm_datadist_torch.control.host import local_host_id, zmq_context
+from llm_datadist_torch.control.host import free_port, local_host_id, zmq_context
 from llm_datadist_torch.control.messages import (
     PROTOCOL_VERSION, ErrorReply, Hello, HelloReply, Ping, Pong)
 from llm_datadist_torch.control.rpc_client import RpcClient
@@ -90,9 +90,7 @@ def raw_dealer(endpoint):
 
 def free_tcp_endpoint():
     """An endpoint on which nothing listens (the port was just free)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    return f"tcp://127.0.0.1:{free_port()}"
 
 
 # -- codec ------------------------------------------------------------------------------------
@@ -135,6 +133,12 @@ def test_local_host_id():
     if os.path.exists("/proc/sys/kernel/random/boot_id"):
         with open("/proc/sys/kernel/random/boot_id") as f:
             assert host_id == f"{f.read().strip()}:{socket.gethostname()}"
+
+
+def test_free_port_is_bindable():
+    port = free_port()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", port))
 
 
 # -- request / reply --------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from llm_datadist_torch import (BlocksCacheKey, CacheDesc, CacheKeyByIdAndIndex, DataType,
-                                LLMClusterInfo, LLMException, LLMStatusCode, Placement)
+                                LLMStatusCode, Placement)
+from helpers import link_in_process, raises_llm
 
 SHAPE = [8, 256]
 
@@ -17,12 +18,7 @@ SHAPE = [8, 256]
 def pair(make_datadist):
     owner = make_datadist(listen_ip_info="127.0.0.1:0")
     puller = make_datadist()
-    port = int(owner._links.listening.rsplit(":", 1)[1])
-    cluster = LLMClusterInfo()
-    cluster.remote_cluster_id = owner.cluster_id
-    cluster.append_local_ip_info("127.0.0.1", 0)
-    cluster.append_remote_ip_info("127.0.0.1", port)
-    assert puller.link_clusters([cluster], 3000)[0] == LLMStatusCode.LLM_SUCCESS
+    link_in_process(puller, owner)
     return owner, puller
 
 
@@ -76,12 +72,10 @@ def test_deallocated_caches_are_not_found_after_invalidation(pair):
     owner.cache_manager.deallocate_blocks_cache(blocks)
     owner.cache_manager.deallocate_cache(slots)
     _wait_forgotten(link)
-    with pytest.raises(LLMException) as info:
+    with raises_llm(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST):
         puller.cache_manager.pull_blocks(BlocksCacheKey(owner.cluster_id, 5), local_blocks, [0], [2])
-    assert info.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
-    with pytest.raises(LLMException) as info:
+    with raises_llm(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST):
         puller.cache_manager.pull_cache(by_id, local_slots, 2)
-    assert info.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
 
 
 def test_pull_by_id_reuses_the_answer_except_for_keyed_slots(pair):
@@ -97,10 +91,9 @@ def test_pull_by_id_reuses_the_answer_except_for_keyed_slots(pair):
         puller.cache_manager.pull_cache(CacheKeyByIdAndIndex(owner.cluster_id, slots.cache_id, slot),
                                         local, slot)
     assert len(link.descriptors) == 1  # one answer served every slot
-    with pytest.raises(LLMException) as info:
+    with raises_llm(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST):
         puller.cache_manager.pull_cache(CacheKeyByIdAndIndex(owner.cluster_id, slots.cache_id,
                                                              SHAPE[0]), local, 0)
-    assert info.value.status_code == LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
     # Slot 0 carries a key: the pull goes to the owner, which releases the key after it.
     puller.cache_manager.pull_cache(CacheKeyByIdAndIndex(owner.cluster_id, slots.cache_id, 0), local, 0)
     for mine, theirs in zip(local.tensors, slots.tensors):

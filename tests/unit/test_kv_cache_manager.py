@@ -1,7 +1,6 @@
 """KvCacheManager / KvCache, the v1 API (spec §21.1-21.4, §26.22)."""
 import contextlib
 import gc
-import os
 import threading
 import time
 
@@ -10,7 +9,7 @@ import torch
 
 from llm_datadist_torch import (BlocksCacheKey, Cache, CacheKey, DataType, KvCache, KvCacheManager,
                                 LLMStatusCode, Placement, Tensor)
-from helpers import raises_llm, desc, raw, pattern
+from helpers import desc, fill, pattern, raises_llm, raw, shm_files
 
 pytestmark = pytest.mark.usefixtures("cpu_device")
 
@@ -19,20 +18,6 @@ NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
 TIMEOUT = LLMStatusCode.LLM_TIMEOUT
 DEVICE, HOST = Placement.DEVICE, Placement.HOST
 U8 = DataType.DT_UINT8
-
-
-def fill(manager, cache, seed):
-    out = []
-    for index in range(cache.cache_desc.num_tensors):
-        view = raw(manager, cache, index)
-        view.copy_(pattern(view.numel(), seed + index))
-        out.append(view.clone())
-    return out
-
-
-def own_shm_files():
-    prefix = f"llm_datadist_torch.{os.getpid()}."
-    return [name for name in os.listdir("/dev/shm") if name.startswith(prefix)]
 
 
 @pytest.fixture
@@ -135,12 +120,12 @@ def test_argument_errors(km):
 # ---- deallocation and garbage collection -------------------------------------------------------
 
 def test_deallocate(v1, km):
-    files = len(own_shm_files())
+    files = len(shm_files())
     cache = km.allocate_cache(desc(2, [4, 8]))
-    assert len(own_shm_files()) == files + 1  # a v1 cache has its own memory block
+    assert len(shm_files()) == files + 1  # a v1 cache has its own memory block
     km.deallocate_cache(cache)
     assert cache.per_device_tensor_addrs == []
-    assert len(own_shm_files()) == files
+    assert len(shm_files()) == files
     assert v1._engine.table.entries() == []
     with raises_llm(NOT_EXIST):
         km.get_cache_tensors(cache)
@@ -161,14 +146,14 @@ def test_deallocate_with_keys_defers(v1, km):
 
 
 def test_kv_cache_garbage_collection_frees_it(v1, km):
-    files = len(own_shm_files())
+    files = len(shm_files())
     cache = km.allocate_cache(desc(2, [4, 8]))
     cache_id = cache.cache_id
     assert v1._engine.table.lookup_by_id(cache_id) is not None
     del cache
     gc.collect()
     assert v1._engine.table.lookup_by_id(cache_id) is None
-    assert len(own_shm_files()) == files
+    assert len(shm_files()) == files
 
 
 def test_kv_cache_garbage_collection_with_live_view(v1, km):

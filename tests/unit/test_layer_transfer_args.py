@@ -9,9 +9,9 @@ import threading
 import pytest
 import torch
 
-from helpers import raises_llm
-from llm_datadist_torch import (BlocksCacheKey, CacheDesc, DataType, LayerSynchronizer,
-                                LLMClusterInfo, LLMRole, LLMStatusCode, Placement, TransferConfig,
+from helpers import link_in_process, raises_llm
+from llm_datadist_torch import (BlocksCacheKey, CacheDesc, DataType, LayerSynchronizer, LLMRole,
+                                LLMStatusCode, Placement, TransferConfig,
                                 TransferWithCacheKeyConfig)
 
 SUCCESS, PARAM = LLMStatusCode.LLM_SUCCESS, LLMStatusCode.LLM_PARAM_INVALID
@@ -30,21 +30,11 @@ class Recorder(LayerSynchronizer):
         return self.release is None or self.release.wait(10)
 
 
-def linked(source, destination):
-    """Link `destination` (listening) and `source`; the source pushes over that link."""
-    port = int(destination._links.listening.rsplit(":", 1)[1])
-    cluster = LLMClusterInfo()
-    cluster.remote_cluster_id = destination.cluster_id
-    cluster.append_local_ip_info("127.0.0.1", 0)
-    cluster.append_remote_ip_info("127.0.0.1", port)
-    assert source.link_clusters([cluster], 3000)[0] == SUCCESS
-
-
 @pytest.fixture
 def pair(make_datadist):
     destination = make_datadist(listen_ip_info="127.0.0.1:0")
     source = make_datadist()
-    linked(source, destination)
+    link_in_process(source, destination)  # the source pushes over the link it made
     return source, destination
 
 
@@ -52,7 +42,7 @@ def pair(make_datadist):
 def ra_pair(make_datadist):
     destination = make_datadist(listen_ip_info="127.0.0.1:0", enable_remote_cache_accessible=True)
     source = make_datadist(enable_remote_cache_accessible=True)
-    linked(source, destination)
+    link_in_process(source, destination)
     return source, destination
 
 
@@ -175,7 +165,7 @@ def test_v1_kv_cache_manager_entry_point(make_v1_datadist):
     destination = make_v1_datadist(role=LLMRole.PROMPT,
                                    listen_ip_info="127.0.0.1:0")
     source = make_v1_datadist()
-    linked(source, destination)
+    link_in_process(source, destination)
     src = source.kv_cache_manager.allocate_cache(CacheDesc(2, SHAPE, DataType.DT_FLOAT))
     dst = destination.kv_cache_manager.allocate_cache(CacheDesc(2, SHAPE, DataType.DT_FLOAT))
     for index in range(2):
