@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from helpers import shm_files
+from helpers import link_in_process, shm_files
 from llm_datadist_torch import LLMConfig, LLMDataDist, LLMRole
 
 DEVICE_POOL_BYTES = 4 << 20
@@ -94,6 +94,26 @@ def datadist(make_datadist):
 @pytest.fixture
 def cache_manager(datadist):
     return datadist.cache_manager
+
+
+@pytest.fixture
+def make_linked_pair(make_datadist):
+    """Factory: `(owner, requester)`, two v2 instances in this process, the owner listening on a
+    free port of 127.0.0.1 and the requester linked to it (the local transport moves the bytes).
+    Keywords set `LLMConfig` properties of both."""
+    def factory(**config_props):
+        owner = make_datadist(listen_ip_info="127.0.0.1:0", **config_props)
+        requester = make_datadist(**config_props)
+        link_in_process(requester, owner)
+        return owner, requester
+
+    return factory
+
+
+@pytest.fixture
+def linked_pair(make_linked_pair):
+    """`(owner, requester)` of `make_linked_pair()`."""
+    return make_linked_pair()
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ import types
 import pytest
 import torch
 
-from agents import agent, as_slots, expected, new_cluster_id, tensor_bytes
+from agents import agent, as_slots, expected, key, new_cluster_id, tensor_bytes
 from harness import ChildError
 from helpers import assert_no_shm_files, raises_llm
 from llm_datadist_torch import LLMStatusCode
@@ -40,6 +40,30 @@ class Model:
 def raises_code(code: LLMStatusCode, within_s: float = None):
     """The block raises LLMException(code) in the child, within `within_s` seconds if given."""
     return raises_llm(code, within_s=within_s, raised=ChildError)
+
+
+def push_blocks_and_check(pair, dst_seed: int, src_seed: int, model_id: int,
+                          fast_s: float = FAST_S) -> None:
+    """Both register a blocks cache "pb" (model `model_id`); the prompt pushes into the
+    decoder's: blocks 0, 3, 1 -> 4, 5, 0 of every tensor, then 6 -> 7 of layer 1 only (one
+    tensor per "layer": tensors 2, 3, positional like sglang), then a block out of range
+    (LLM_PARAM_INVALID within `fast_s`). Byte-exact after each step, and the source untouched."""
+    pair.d.call("register", "pb", 4, B_SHAPE, seed=dst_seed, model_id=model_id)
+    pair.p.call("register", "pb", 4, B_SHAPE, seed=src_seed, model_id=model_id)
+    dst, src = Model(dst_seed, 4, B_SHAPE), Model(src_seed, 4, B_SHAPE)
+    dkey = key("BlocksCacheKey", pair.did, model_id)
+    pair.p.call("push_blocks", dkey, "pb", [0, 3, 1], [4, 5, 0])
+    for i in range(4):
+        for s, d in ((0, 4), (3, 5), (1, 0)):
+            dst.t[i][d] = src.t[i][s]
+    dst.check(pair.d, "pb")
+    pair.p.call("push_blocks", dkey, "pb", [6], [7], range(2, 4), range(2, 4), 1)
+    dst.t[2][7], dst.t[3][7] = src.t[2][6], src.t[3][6]
+    dst.check(pair.d, "pb")
+    with raises_code(LLMStatusCode.LLM_PARAM_INVALID, fast_s):
+        pair.p.call("push_blocks", dkey, "pb", [0], [8])
+    dst.check(pair.d, "pb")
+    src.check(pair.p, "pb")
 
 
 def start_pair(h, prompt_kwargs=None, decoder_kwargs=None, link=True, prompt_env=None):

@@ -14,7 +14,8 @@ import types
 import pytest
 
 from agents import key, new_cluster_id
-from checks import B_SHAPE, C_SHAPE, D_C_SHAPE, SYNC_TIMEOUT_MS, Model, raises_code
+from checks import (B_SHAPE, C_SHAPE, D_C_SHAPE, SYNC_TIMEOUT_MS, Model, push_blocks_and_check,
+                    raises_code)
 from harness import Harness
 from helpers import mooncake_missing
 from llm_datadist_torch import LLMStatusCode
@@ -142,21 +143,7 @@ def test_pull_blocks_layer_ranges(pair):
 
 def test_push_blocks(pair):
     """The prompt writes into the decoder's registered blocks over the link the decoder made."""
-    pair.d.call("register", "pb", 4, B_SHAPE, seed=31, model_id=7)
-    pair.p.call("register", "pb", 4, B_SHAPE, seed=32, model_id=7)
-    dst, src = Model(31, 4, B_SHAPE), Model(32, 4, B_SHAPE)
-    dkey = key("BlocksCacheKey", pair.did, 7)
-    pair.p.call("push_blocks", dkey, "pb", [0, 3, 1], [4, 5, 0])
-    for i in range(4):
-        for s, d in ((0, 4), (3, 5), (1, 0)):
-            dst.t[i][d] = src.t[i][s]
-    pair.p.call("push_blocks", dkey, "pb", [6], [7], range(2, 4), range(2, 4), 1)
-    dst.t[2][7], dst.t[3][7] = src.t[2][6], src.t[3][6]
-    dst.check(pair.d, "pb")
-    with raises_code(LLMStatusCode.LLM_PARAM_INVALID, FAST_S):
-        pair.p.call("push_blocks", dkey, "pb", [0], [8])
-    dst.check(pair.d, "pb")
-    src.check(pair.p, "pb")
+    push_blocks_and_check(pair, dst_seed=31, src_seed=32, model_id=7, fast_s=FAST_S)
     assert pair.p.call("transports_used", pair.did) == ["mooncake"]
 
 

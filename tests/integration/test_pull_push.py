@@ -10,8 +10,8 @@ import time
 import pytest
 
 from agents import key, new_cluster_id
-from checks import (B_SHAPE, BLOCK, C_SHAPE, D_C_SHAPE, FAST_S, SLOT, Model, raises_code, start_pair,
-                    stop_pair)
+from checks import (B_SHAPE, BLOCK, C_SHAPE, D_C_SHAPE, FAST_S, SLOT, Model, push_blocks_and_check,
+                    raises_code, start_pair, stop_pair)
 from harness import ChildError
 from helpers import assert_no_shm_files
 from llm_datadist_torch import LLMStatusCode
@@ -269,23 +269,7 @@ def test_link_is_bidirectional(pair):
 def test_push_blocks(ra_pair):
     """The prompt writes into the decoder's registered blocks (sglang's pattern), over the link
     the decoder made."""
-    ra_pair.d.call("register", "pb", 4, B_SHAPE, seed=81, model_id=0)
-    ra_pair.p.call("register", "pb", 4, B_SHAPE, seed=82, model_id=0)
-    dst, src = Model(81, 4, B_SHAPE), Model(82, 4, B_SHAPE)
-    dkey = key("BlocksCacheKey", ra_pair.did, 0)
-    ra_pair.p.call("push_blocks", dkey, "pb", [0, 3, 1], [4, 5, 0])
-    for i in range(4):
-        for s, d in ((0, 4), (3, 5), (1, 0)):
-            dst.t[i][d] = src.t[i][s]
-    dst.check(ra_pair.d, "pb")
-    # Layer 1 only, one tensor per "layer" (tensors 2, 3), positional like sglang.
-    ra_pair.p.call("push_blocks", dkey, "pb", [6], [7], range(2, 4), range(2, 4), 1)
-    dst.t[2][7], dst.t[3][7] = src.t[2][6], src.t[3][6]
-    dst.check(ra_pair.d, "pb")
-    with raises_code(LLMStatusCode.LLM_PARAM_INVALID, FAST_S):
-        ra_pair.p.call("push_blocks", dkey, "pb", [0], [8])
-    dst.check(ra_pair.d, "pb")
-    src.check(ra_pair.p, "pb")
+    push_blocks_and_check(ra_pair, dst_seed=81, src_seed=82, model_id=0)
 
 
 def test_push_cache(ra_pair):

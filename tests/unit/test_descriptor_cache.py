@@ -4,22 +4,13 @@ Two clusters in one process (local transport), linked over real sockets on 127.0
 """
 import time
 
-import pytest
 import torch
 
 from llm_datadist_torch import (BlocksCacheKey, CacheDesc, CacheKeyByIdAndIndex, DataType,
                                 LLMStatusCode, Placement)
-from helpers import link_in_process, raises_llm
+from helpers import raises_llm
 
 SHAPE = [8, 256]
-
-
-@pytest.fixture
-def pair(make_datadist):
-    owner = make_datadist(listen_ip_info="127.0.0.1:0")
-    puller = make_datadist()
-    link_in_process(puller, owner)
-    return owner, puller
 
 
 def _registered(manager, fill, key):
@@ -36,8 +27,8 @@ def _wait_forgotten(link, deadline_s=5.0):
         time.sleep(0.005)
 
 
-def test_blocks_answer_is_kept_and_forgotten_on_rebind(pair):
-    owner, puller = pair
+def test_blocks_answer_is_kept_and_forgotten_on_rebind(linked_pair):
+    owner, puller = linked_pair
     key = BlocksCacheKey(owner.cluster_id, 0)
     _, first = _registered(owner.cache_manager, 1, key)
     local = puller.cache_manager.allocate_blocks_cache(CacheDesc(2, SHAPE, DataType.DT_INT32))
@@ -54,8 +45,8 @@ def test_blocks_answer_is_kept_and_forgotten_on_rebind(pair):
     assert bool((local.tensors[0][2] == 2).all()) and bool((local.tensors[1][2] == 2).all())
 
 
-def test_deallocated_caches_are_not_found_after_invalidation(pair):
-    owner, puller = pair
+def test_deallocated_caches_are_not_found_after_invalidation(linked_pair):
+    owner, puller = linked_pair
     desc = lambda: CacheDesc(2, SHAPE, DataType.DT_INT32, Placement.DEVICE)  # noqa: E731
     blocks = owner.cache_manager.allocate_blocks_cache(desc(), BlocksCacheKey(owner.cluster_id, 5))
     slots = owner.cache_manager.allocate_cache(desc())
@@ -78,8 +69,8 @@ def test_deallocated_caches_are_not_found_after_invalidation(pair):
         puller.cache_manager.pull_cache(by_id, local_slots, 2)
 
 
-def test_pull_by_id_reuses_the_answer_except_for_keyed_slots(pair):
-    owner, puller = pair
+def test_pull_by_id_reuses_the_answer_except_for_keyed_slots(linked_pair):
+    owner, puller = linked_pair
     desc = lambda: CacheDesc(2, SHAPE, DataType.DT_INT32, Placement.DEVICE)  # noqa: E731
     from llm_datadist_torch import CacheKey
     slots = owner.cache_manager.allocate_cache(desc(), [CacheKey(owner.cluster_id, 77)])  # slot 0

@@ -340,12 +340,19 @@ def writer_holding(engine, entry, hold_s):
         assert not thread.is_alive()
 
 
-def test_get_cache_tensors_times_out_on_a_long_write(make_v1_datadist):
+@pytest.fixture
+def short_wait_cache(make_v1_datadist):
+    """`(manager, cache, engine, entry)`: a 16-byte cache of a v1 instance whose sync_kv_timeout
+    is 200 ms, with its engine and its table entry."""
     datadist = make_v1_datadist(sync_kv_timeout=200)
     manager = datadist.kv_cache_manager
     cache = manager.allocate_cache(desc(1, [16]))
     engine = datadist._engine
-    entry = engine.table.get(cache.cache_id)
+    return manager, cache, engine, engine.table.get(cache.cache_id)
+
+
+def test_get_cache_tensors_times_out_on_a_long_write(short_wait_cache):
+    manager, cache, engine, entry = short_wait_cache
     with writer_holding(engine, entry, hold_s=5):
         start = time.monotonic()
         with raises_llm(TIMEOUT):
@@ -355,12 +362,8 @@ def test_get_cache_tensors_times_out_on_a_long_write(make_v1_datadist):
     assert manager.get_cache_tensors(cache)[0].numel() == 16  # fine once the write is done
 
 
-def test_get_cache_tensors_waits_for_a_short_write(make_v1_datadist):
-    datadist = make_v1_datadist(sync_kv_timeout=200)
-    manager = datadist.kv_cache_manager
-    cache = manager.allocate_cache(desc(1, [16]))
-    engine = datadist._engine
-    entry = engine.table.get(cache.cache_id)
+def test_get_cache_tensors_waits_for_a_short_write(short_wait_cache):
+    manager, cache, engine, entry = short_wait_cache
     with writer_holding(engine, entry, hold_s=0.05):
         start = time.monotonic()
         view = manager.get_cache_tensors(cache)[0]
@@ -369,12 +372,8 @@ def test_get_cache_tensors_waits_for_a_short_write(make_v1_datadist):
     assert view.data_ptr() == cache.per_device_tensor_addrs[0][0]
 
 
-def test_readers_do_not_block_get_cache_tensors(make_v1_datadist):
-    datadist = make_v1_datadist(sync_kv_timeout=200)
-    manager = datadist.kv_cache_manager
-    cache = manager.allocate_cache(desc(1, [16]))
-    engine = datadist._engine
-    entry = engine.table.get(cache.cache_id)
+def test_readers_do_not_block_get_cache_tensors(short_wait_cache):
+    manager, cache, engine, entry = short_wait_cache
     with engine.table.pinned([entry]):  # a copy reading from the cache
         start = time.monotonic()
         manager.get_cache_tensors(cache)

@@ -30,22 +30,6 @@ class Recorder(LayerSynchronizer):
         return self.release is None or self.release.wait(10)
 
 
-@pytest.fixture
-def pair(make_datadist):
-    destination = make_datadist(listen_ip_info="127.0.0.1:0")
-    source = make_datadist()
-    link_in_process(source, destination)  # the source pushes over the link it made
-    return source, destination
-
-
-@pytest.fixture
-def ra_pair(make_datadist):
-    destination = make_datadist(listen_ip_info="127.0.0.1:0", enable_remote_cache_accessible=True)
-    source = make_datadist(enable_remote_cache_accessible=True)
-    link_in_process(source, destination)
-    return source, destination
-
-
 def cache(manager, num_tensors=4, placement=Placement.DEVICE, blocks=False, seed=0):
     desc = CacheDesc(num_tensors, SHAPE, DataType.DT_FLOAT, placement)
     made = manager.allocate_blocks_cache(desc) if blocks else manager.allocate_cache(desc)
@@ -54,8 +38,8 @@ def cache(manager, num_tensors=4, placement=Placement.DEVICE, blocks=False, seed
     return made
 
 
-def test_argument_checks_in_spec_order(pair):
-    source, destination = pair
+def test_argument_checks_in_spec_order(linked_pair):
+    destination, source = linked_pair  # the source pushes over the link it made
     manager = source.cache_manager
     src, dst = cache(manager), cache(destination.cache_manager)
     sync = Recorder()
@@ -105,8 +89,8 @@ def test_argument_checks_in_spec_order(pair):
     assert sync.asked == []  # nothing started
 
 
-def test_key_config_checks_in_remote_accessible_mode(ra_pair):
-    source, destination = ra_pair
+def test_key_config_checks_in_remote_accessible_mode(make_linked_pair):
+    destination, source = make_linked_pair(enable_remote_cache_accessible=True)
     manager = source.cache_manager
     src, dst = cache(manager), cache(destination.cache_manager)
     with pytest.raises(TypeError):
@@ -119,8 +103,8 @@ def test_key_config_checks_in_remote_accessible_mode(ra_pair):
         manager.transfer_cache_async(src, Recorder(), [config])
 
 
-def test_pushes_the_layers_and_fills_a_missing_range_in_place(pair):
-    source, destination = pair
+def test_pushes_the_layers_and_fills_a_missing_range_in_place(linked_pair):
+    destination, source = linked_pair
     src, dst = cache(source.cache_manager, seed=5), cache(destination.cache_manager)
     config = TransferConfig(destination.cluster_id, [addr + 256 for addr in dst.tensor_addrs],
                             src_batch_index=0)
@@ -134,8 +118,8 @@ def test_pushes_the_layers_and_fills_a_missing_range_in_place(pair):
         assert not torch.equal(theirs[0], mine[0])
 
 
-def test_synchronize_times_out_while_a_layer_is_not_ready(pair):
-    source, destination = pair
+def test_synchronize_times_out_while_a_layer_is_not_ready(linked_pair):
+    destination, source = linked_pair
     src, dst = cache(source.cache_manager, seed=9), cache(destination.cache_manager)
     release = threading.Event()
     task = source.cache_manager.transfer_cache_async(
@@ -147,8 +131,8 @@ def test_synchronize_times_out_while_a_layer_is_not_ready(pair):
     assert torch.equal(dst.tensors[3][0], src.tensors[3][0])
 
 
-def test_layers_nobody_wants_are_skipped_and_results_share_a_cluster(pair):
-    source, destination = pair
+def test_layers_nobody_wants_are_skipped_and_results_share_a_cluster(linked_pair):
+    destination, source = linked_pair
     src = cache(source.cache_manager, num_tensors=8, seed=3)
     dst = cache(destination.cache_manager)
     configs = [TransferConfig(destination.cluster_id, dst.tensor_addrs[:2], range(1, 2)),
@@ -179,8 +163,8 @@ def test_v1_kv_cache_manager_entry_point(make_v1_datadist):
         assert bool((received[1] == 0).all())  # slot 1 does not
 
 
-def test_after_finalize_the_task_reports_param_invalid(pair):
-    source, destination = pair
+def test_after_finalize_the_task_reports_param_invalid(linked_pair):
+    destination, source = linked_pair
     src, dst = cache(source.cache_manager), cache(destination.cache_manager)
     manager = source.cache_manager
     source.finalize()
