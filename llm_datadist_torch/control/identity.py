@@ -13,12 +13,17 @@ from __future__ import annotations
 
 import os
 import secrets
+import stat
 import threading
 from typing import Optional, Set, Tuple
 
 from ..memory.arena import SHM_DIR, shm_file_name
 
 CHALLENGE_BYTES = 16
+# A proof holds its direction before the challenge: a server's proof (in `HelloReply`) can never
+# pass as a client's (`Proof`), so nobody gets one side to prove a challenge meant for the other.
+SERVER_PROOF = b"llmdd-server-proof:"
+CLIENT_PROOF = b"llmdd-client-proof:"
 
 _lock = threading.Lock()
 _local_challenges: Set[bytes] = set()  # challenges of Hellos sent from this process
@@ -55,14 +60,15 @@ def forget(challenge: bytes) -> None:
 
 
 class ProofFile:
-    """A /dev/shm file holding a peer's challenge, kept open until `close` (prover side)."""
+    """A /dev/shm file holding a peer's challenge after the prover's direction (`SERVER_PROOF`
+    or `CLIENT_PROOF`), kept open until `close` (prover side)."""
 
-    def __init__(self, challenge: bytes):
+    def __init__(self, direction: bytes, challenge: bytes):
         self.name = shm_file_name("proof")
         self.fd = os.open(os.path.join(SHM_DIR, self.name),
                           os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            os.write(self.fd, challenge)
+            os.write(self.fd, direction + challenge)
         except BaseException:
             self.close()
             raise
@@ -78,11 +84,17 @@ class ProofFile:
         self.fd = -1
 
 
-def verify_proof(challenge: bytes, pid: int, name: str, fd: int) -> Tuple[bool, str]:
+def verify_proof(direction: bytes, challenge: bytes, pid: int, name: str,
+                 fd: int) -> Tuple[bool, str]:
     """(Verifier side.) Whether process `pid` holds `/dev/shm/<name>` open as `fd` and the file
-    holds `challenge`; with the reason when it does not."""
+    holds `challenge` proven in `direction`; with the reason when it does not."""
     if not name or "/" in name or name in (".", "..") or fd < 0 or pid <= 0:
         return False, "no proof offered"
+    if pid == os.getpid():
+        # A peer in this process is proven by the challenge registry, never by a file: the only
+        # files here holding a peer's bytes are our own proofs for other peers, written with
+        # challenges they chose (a peer could make us "prove" its claim to be us).
+        return False, f"pid {pid} is this process"
     path = os.path.join(SHM_DIR, name)
     try:
         held = os.readlink(f"/proc/{pid}/fd/{fd}")
@@ -91,11 +103,15 @@ def verify_proof(challenge: bytes, pid: int, name: str, fd: int) -> Tuple[bool, 
     if held != path:
         return False, f"pid {pid} does not hold {path}"
     try:
-        with open(path, "rb") as f:
-            content = f.read(CHALLENGE_BYTES + 1)
+        # Never block: the file the peer names may be a FIFO (or be swapped for one).
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC),
+                  "rb") as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                return False, f"{path} is not a regular file"
+            content = f.read(len(direction) + CHALLENGE_BYTES + 1)
     except OSError as exc:
         return False, f"{path}: {exc.strerror}"
-    if not secrets.compare_digest(content, challenge):
+    if not secrets.compare_digest(content, direction + challenge):
         return False, f"{path} does not hold our challenge"
     return True, ""
 

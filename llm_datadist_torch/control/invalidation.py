@@ -14,7 +14,8 @@ from .messages import Invalidate
 
 logger = logging.getLogger(__name__)
 
-INVALIDATE_TIMEOUT_S = 0.5
+# The peer answers once its transfers on the cache are done (serving.py waits up to 4 s).
+INVALIDATE_TIMEOUT_S = 5.0
 
 
 class Invalidator:

@@ -2,9 +2,11 @@
 from it, and what each side keeps about the other."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import socket
 import threading
+import time
 from typing import Dict, Optional, Set
 
 import msgspec
@@ -33,6 +35,7 @@ class Link:
     session: bytes = b""  # the peer's token for this link: every request to the peer carries it
     start_time: Optional[int] = None  # of the peer's pid, when proven on this host (pid reuse)
     broken: bool = False
+    last_used: float = dataclasses.field(default_factory=time.monotonic)  # a request either way
     transports: Dict[str, Transport] = dataclasses.field(default_factory=dict)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     # Requester side: owner answers kept for keys that need no release (see ops/remote_ops.py).
@@ -41,6 +44,10 @@ class Link:
     exported: Set[int] = dataclasses.field(default_factory=set)
     # Requester side: one staged transfer at a time uses the owner's staging area.
     staging_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    # Requester side: transfers running on each remote cache id; an invalidation of that cache
+    # is acknowledged only once they are done (the owner holds the memory until then).
+    in_flight: Dict[int, int] = dataclasses.field(default_factory=dict)
+    settled: threading.Condition = dataclasses.field(default_factory=threading.Condition)
     force_staging: bool = dataclasses.field(default_factory=force_staging)
 
     def needs_staging(self, region: Region) -> bool:
@@ -56,6 +63,7 @@ class Link:
 
     def call(self, request: Message, timeout_s: float) -> Message:
         self.ensure_usable()
+        self.last_used = time.monotonic()
         try:
             return self.rpc.call(request, max(timeout_s, 0.001))
         except LLMException as exc:
@@ -71,10 +79,31 @@ class Link:
         with self.lock:
             self.descriptors[key] = reply
 
-    def forget(self, cache_ids) -> None:
+    def forget(self, cache_ids, wait_s: float = 0.0) -> bool:
+        """Drop kept answers about `cache_ids`; wait up to `wait_s` for transfers still running
+        on them. False if some still run."""
         with self.lock:
             for key in [k for k, reply in self.descriptors.items() if reply.cache_id in cache_ids]:
                 del self.descriptors[key]
+        with self.settled:
+            return self.settled.wait_for(
+                lambda: not any(self.in_flight.get(c) for c in cache_ids), wait_s)
+
+    @contextlib.contextmanager
+    def using(self, cache_id: int):
+        """Mark a transfer on the owner's cache `cache_id` as running (see `forget`)."""
+        with self.settled:
+            self.in_flight[cache_id] = self.in_flight.get(cache_id, 0) + 1
+        try:
+            yield
+        finally:
+            with self.settled:
+                left = self.in_flight[cache_id] - 1
+                if left:
+                    self.in_flight[cache_id] = left
+                else:
+                    del self.in_flight[cache_id]
+                self.settled.notify_all()
 
     def check_alive(self) -> None:
         """A same-host peer that died (or whose pid now names another process) fails the next

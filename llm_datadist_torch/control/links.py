@@ -29,8 +29,10 @@ from ..transport.bounce import BounceBuffer
 from . import identity
 from .host import local_host_id
 from .invalidation import Invalidator
-from .link import Link, endpoint, host_of, route_ip, specific
+from .liveness import Reaper, holds_link
+from .link import Link, endpoint, host_of
 from .messages import Ack, Hello, HelloReply, Message, MooncakeEndpoint, Ping, Proof, Unlink
+from .mooncake_peering import MooncakePeering
 from .owner import Responder
 from .rpc_client import RpcClient
 from .rpc_server import RpcServer
@@ -44,9 +46,11 @@ MAX_CLUSTERS_PER_CALL = 16
 # every file descriptor of the process.
 MAX_LINKS = int(os.environ.get("LLM_DATADIST_TORCH_MAX_LINKS", "256"))
 # A handshake naming a cluster that is linked already asks the old peer whether it still holds
-# the link (an impostor must not displace a live peer); at most once a second per cluster.
+# the link (an impostor must not displace a live peer); at most once a second per cluster. At
+# the cap, the longest idle link gives its place if its peer does not answer.
 LIVENESS_TIMEOUT_S = 0.2
 LIVENESS_INTERVAL_S = 1.0
+EVICT_IDLE_S = 5.0
 SESSION_BYTES = 16
 
 
@@ -68,10 +72,10 @@ class LinkManager:
         self._listen: Optional[str] = None    # public endpoint (listen_ip_info)
         self._callback: Optional[str] = None  # ephemeral endpoint of a client
         self._host_id = local_host_id()
-        self._agent = None  # this engine's Mooncake agent, started by the first link needing it
-        self._agent_lock = threading.Lock()
+        self._mooncake = MooncakePeering(engine, lambda: self._listen)
         self._server.start()
-        self._invalidator = Invalidator(engine, self._all_links)
+        self._invalidator = Invalidator(engine, self.all_links)
+        self._reaper = Reaper(self, f"llm_datadist_torch-reaper-{engine.cluster_id}")
         if engine.options.listen is not None:
             self.listen(*engine.options.listen)
 
@@ -81,39 +85,13 @@ class LinkManager:
         return self._listen or self._callback or ""
 
     def _identity(self) -> dict:
-        agent = self._agent
         return dict(cluster_id=self._engine.cluster_id, host_id=self._host_id, pid=os.getpid(),
-                    mooncake_endpoint=agent.endpoint if agent else "",
-                    mooncake_required=self._mooncake_forced())
-
-    # ---- Mooncake (cross-host data plane) --------------------------------------------------
-    def _mooncake_forced(self) -> bool:
-        return self._engine.options.transfer_backend == "mooncake"
+                    mooncake_endpoint=self._mooncake.endpoint,
+                    mooncake_required=self._mooncake.forced)
 
     @property
     def mooncake_agent(self):
-        return self._agent
-
-    def _needs_mooncake(self, their) -> bool:
-        """A link needs agents on both ends if either side forces mooncake or the hosts differ."""
-        return (self._mooncake_forced() or their.mooncake_required
-                or their.host_id != self._host_id)
-
-    def _start_mooncake(self, peer_host: str, local_ip: Optional[str] = None):
-        """This engine's Mooncake agent, started on first use; `LLM_FEATURE_NOT_ENABLED` if
-        Mooncake is not installed. It is reached at the listen IP, else at the local IP given to
-        link_clusters, else at the address that routes to the peer."""
-        with self._agent_lock:
-            if self._agent is None:
-                from ..transport.mooncake.agent import MooncakeAgent
-                ip = host_of(self._listen or "")
-                if not specific(ip):
-                    # A loopback local IP cannot be reached from a peer that is not local.
-                    usable = specific(local_ip) and not (
-                        local_ip.startswith("127.") and not peer_host.startswith("127."))
-                    ip = local_ip if usable else route_ip(peer_host or "127.0.0.1")
-                self._agent = MooncakeAgent(self._engine, ip)
-            return self._agent
+        return self._mooncake.agent
 
     # ---- client side of the handshake -------------------------------------------------------
     def _link_to(self, address: str, peer_host: str, local_ip: Optional[str],
@@ -122,8 +100,8 @@ class LinkManager:
 
         `LLMException` with the status to report when the server refuses, does not answer, or
         claims to share this host without proving it."""
-        if self._mooncake_forced():
-            self._start_mooncake(peer_host, local_ip)  # so the server learns our endpoint now
+        if self._mooncake.forced:
+            self._mooncake.start(peer_host, local_ip)  # so the server learns our endpoint now
         challenge = identity.new_challenge()
         token = secrets.token_bytes(SESSION_BYTES)
         hello = Hello(reply_endpoint=self.reply_endpoint, challenge=challenge, session=token,
@@ -162,25 +140,25 @@ class LinkManager:
         same_process = identity.answered_locally(hello.challenge) and reply.pid == os.getpid()
         start = None
         if not same_process and reply.host_id == self._host_id:
-            proven, why = identity.verify_proof(hello.challenge, reply.pid, reply.proof_name,
-                                                reply.proof_fd)
+            proven, why = identity.verify_proof(identity.SERVER_PROOF, hello.challenge, reply.pid,
+                                                reply.proof_name, reply.proof_fd)
             if not proven:
                 fail(LLMStatusCode.LLM_LINK_FAILED, "cluster %d says it shares this host (pid "
                      "%d) but did not prove it: %s", reply.cluster_id, reply.pid, why)
             start = identity.start_time(reply.pid)
-            proof = identity.ProofFile(reply.challenge)
+            proof = identity.ProofFile(identity.CLIENT_PROOF, reply.challenge)
             try:
                 rpc.call(Proof(session=reply.session, proof_name=proof.name, proof_fd=proof.fd),
                          max(deadline - time.monotonic(), 0.001))
             finally:
                 proof.close()
-        if self._needs_mooncake(reply) and not hello.mooncake_endpoint:
-            agent = self._start_mooncake(peer_host, local_ip)
+        if self._mooncake.needed_with(reply, self._host_id) and not hello.mooncake_endpoint:
+            agent = self._mooncake.start(peer_host, local_ip)
             rpc.call(MooncakeEndpoint(session=reply.session, endpoint=agent.endpoint),
                      max(deadline - time.monotonic(), 0.001))
         peer = Peer(pid=reply.pid, same_process=same_process,
                     same_host=same_process or start is not None,
-                    mooncake_endpoint=reply.mooncake_endpoint, mooncake_agent=self._agent)
+                    mooncake_endpoint=reply.mooncake_endpoint, mooncake_agent=self.mooncake_agent)
         return Link(reply.cluster_id, peer, rpc, self._engine.options.transfer_backend,
                     self.bounce, session=reply.session, start_time=start)
 
@@ -252,7 +230,7 @@ class LinkManager:
                  self._engine.cluster_id, cluster_id)
         return link
 
-    def _all_links(self) -> List[Link]:
+    def all_links(self) -> List[Link]:
         with self._lock:
             return list(self._links.values())
 
@@ -305,6 +283,7 @@ class LinkManager:
             proof[0].close()
         if not still_linked:
             self._responder.drop_staging(link.cluster_id)
+            self._liveness_checked.pop(link.cluster_id, None)
         link.close()
 
     def _grant_access(self) -> None:
@@ -394,20 +373,20 @@ class LinkManager:
         refused = self._room_for(hello.cluster_id)
         if refused is not None:
             return refuse(*refused)
-        if not same_process and self._needs_mooncake(hello):
+        if not same_process and self._mooncake.needed_with(hello, self._host_id):
             try:
-                self._start_mooncake(host_of(hello.reply_endpoint))
+                self._mooncake.start(host_of(hello.reply_endpoint))
             except LLMException as exc:
                 return refuse(exc.status_code, str(exc))
             identity_fields = self._identity()  # now with our endpoint
         proof, challenge = None, b""
         if not same_process and hello.host_id == self._host_id:
             # The client proves it shares this host in a `Proof`; until then it is remote.
-            proof = identity.ProofFile(hello.challenge)
+            proof = identity.ProofFile(identity.SERVER_PROOF, hello.challenge)
             challenge = secrets.token_bytes(identity.CHALLENGE_BYTES)
         token = secrets.token_bytes(SESSION_BYTES)
         peer = Peer(pid=hello.pid, same_process=same_process, same_host=same_process,
-                    mooncake_endpoint=hello.mooncake_endpoint, mooncake_agent=self._agent)
+                    mooncake_endpoint=hello.mooncake_endpoint, mooncake_agent=self.mooncake_agent)
         rpc = RpcClient(hello.reply_endpoint) if hello.reply_endpoint else None
         link = Link(hello.cluster_id, peer, rpc, self._engine.options.transfer_backend,
                     self.bounce, session=hello.session)
@@ -430,21 +409,23 @@ class LinkManager:
         with self._lock:
             old = self._links.get(cluster_id)
             if old is None:
-                if len(self._links) >= MAX_LINKS:
-                    return (LLMStatusCode.LLM_CLUSTER_NUM_EXCEED_LIMIT,
-                            f"{len(self._links)} links, the most one engine holds "
-                            "(LLM_DATADIST_TORCH_MAX_LINKS)")
+                if len(self._links) < MAX_LINKS:
+                    return None
+                idlest = min(self._links.values(), key=lambda link: link.last_used)
+        if old is None:
+            if time.monotonic() - idlest.last_used > EVICT_IDLE_S \
+                    and not holds_link(idlest, LIVENESS_TIMEOUT_S):
+                self.drop_link(idlest)
                 return None
+            return (LLMStatusCode.LLM_CLUSTER_NUM_EXCEED_LIMIT,
+                    f"{MAX_LINKS} links, the most one engine holds (LLM_DATADIST_TORCH_MAX_LINKS)")
+        with self._lock:
             now = time.monotonic()
             recently = now - self._liveness_checked.get(cluster_id, -LIVENESS_INTERVAL_S)
             if not old.broken and old.rpc is not None and recently < LIVENESS_INTERVAL_S:
                 return LLMStatusCode.LLM_ALREADY_LINK, f"cluster {cluster_id} is linked"
             self._liveness_checked[cluster_id] = now
-        if old.broken or old.rpc is None:
-            return None
-        try:
-            old.rpc.call(Ping(session=old.session), LIVENESS_TIMEOUT_S)
-        except LLMException:
+        if not holds_link(old, LIVENESS_TIMEOUT_S):
             return None  # the old peer is gone or no longer holds the link
         return LLMStatusCode.LLM_ALREADY_LINK, f"cluster {cluster_id} is linked and alive"
 
@@ -458,8 +439,8 @@ class LinkManager:
                  link.cluster_id)
         proof, challenge = pending
         try:
-            proven, why = identity.verify_proof(challenge, link.peer.pid, request.proof_name,
-                                                request.proof_fd)
+            proven, why = identity.verify_proof(identity.CLIENT_PROOF, challenge, link.peer.pid,
+                                                request.proof_name, request.proof_fd)
         finally:
             proof.close()
         if not proven:
@@ -473,6 +454,7 @@ class LinkManager:
 
     # ---- shutdown --------------------------------------------------------------------------
     def close(self) -> None:
+        self._reaper.close()
         self._invalidator.close()
         self._server.close()
         self._responder.close()
@@ -481,10 +463,7 @@ class LinkManager:
         for link in links:
             self._forget(link)
         self._grant_access()
-        with self._agent_lock:
-            agent, self._agent = self._agent, None
-        if agent is not None:
-            agent.close()
+        self._mooncake.close()
         self.bounce.close()
 
 

@@ -11,7 +11,7 @@ from typing import Annotated, Optional, Union
 
 import msgspec
 
-from ..core.descriptors import Geometry, Region
+from ..core.descriptors import Fence, Geometry, Region
 
 # Wire frame (codec.py): msgpack array ``[protocol_version, message]``. Element 0 stays the
 # version in every future version, so a peer can always tell "other version" from "garbage".
@@ -133,9 +133,10 @@ class Resolved(Message, tag="resolved", frozen=True, kw_only=True):
     geometry: Geometry
     placement: int
     slot: int
-    regions: dict[int, Region]
+    regions: Annotated[dict[int, Region], msgspec.Meta(max_length=MAX_TENSORS)]
+    fence: Fence  # read it after reading (and before writing) the regions: fences.py
     release_key: Optional[tuple[str, int, int]] = None  # report a pull through this key
-    keyed_slots: list[int] = []  # slots with a bound key: a pull by id must come back here
+    keyed_slots: Blocks = []  # slots with a bound key: a pull by id must come back here
 
 
 class Release(Message, tag="release", frozen=True, kw_only=True):
@@ -179,6 +180,7 @@ class StageRead(Message, tag="stage_read", frozen=True, kw_only=True):
 
     session: Token
     cache_id: int
+    fence: int  # the value of the cache's fence word in the answer that named it
     tensors: Tensors
     offsets: Blocks
     lengths: Blocks
@@ -218,12 +220,13 @@ class Place(msgspec.Struct, frozen=True, kw_only=True):
     tensor: int
     offset: int
     region: Region
+    fence: Fence
 
 
 class Located(Message, tag="located", frozen=True, kw_only=True):
     """Owner -> requester: one `Place` per address of `Locate`, in order."""
 
-    places: list[Place]
+    places: Annotated[list[Place], msgspec.Meta(max_length=MAX_ITEMS)]
 
 
 # Every type the codec can decode. Append new message types here.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Dict, Optional, Tuple
+from typing import Dict, Optional, Set, Tuple
 
 import torch
 
@@ -17,7 +17,8 @@ from ..core.cache_table import CacheEntry, KeyBinding, blocks_key_identity
 from ..memory.device import synchronize
 from ..core.engine import Engine
 from ..memory.copy import SegmentBatch, copy_batches
-from ..core.descriptors import Region
+from ..core.descriptors import Fence, Region
+from ..core.fences import fence_table
 from ..core.plan import build_plan
 from .messages import STAGING_BYTES, Locate, Located, Place, Release, Resolve, Resolved, StageRead
 from ..enums import Placement
@@ -25,6 +26,9 @@ from ..keys import INVALID_ID
 from ..status import LLMStatusCode, fail, raise_if_false
 
 NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
+# Staging areas one engine keeps at most (each STAGING_BYTES of /dev/shm, one per requester
+# that moves device memory); freed when the requester's link goes.
+MAX_STAGING_AREAS = int(os.environ.get("LLM_DATADIST_TORCH_MAX_STAGING_AREAS", "8"))
 
 
 class Responder:
@@ -51,8 +55,9 @@ class Responder:
         """Copy segments of a cache into the requester's staging area (or back, for a write)."""
         with self._engine.operation():
             entry = self._engine.table.lookup_by_id(request.cache_id)
-            if entry is None:
-                fail(NOT_EXIST, "cache %d does not exist", request.cache_id)
+            if entry is None or entry.fence is None or entry.fence[1] != request.fence:
+                fail(NOT_EXIST, "cache %d does not exist (or is no longer the cache it was)",
+                     request.cache_id)
             raise_if_false(entry.remote_accessible,
                            "cache %d was not registered for remote access", entry.cache_id)
             raise_if_false(all(0 <= t < entry.num_tensors for t in request.tensors),
@@ -96,13 +101,20 @@ class Responder:
         with self._staging_lock:
             area = self._staging.get(requester)
             if area is None:
+                if len(self._staging) >= MAX_STAGING_AREAS:
+                    fail(LLMStatusCode.LLM_OUT_OF_MEMORY, "cluster %d keeps %d staging areas for "
+                         "other peers, its most (LLM_DATADIST_TORCH_MAX_STAGING_AREAS); retry "
+                         "when one of them unlinks", self._engine.cluster_id, len(self._staging))
                 area = self._staging[requester] = MemoryArena.create(
                     torch.device("cpu"), STAGING_BYTES, tag=f"{self._engine.cluster_id}.staging")
         self._announce(area, added=True)  # also when the agent started after the area
         return area
 
-    def resolve(self, request: Resolve) -> Resolved:
-        with self._engine.operation():
+    def resolve(self, request: Resolve, exported: Set[int]) -> Resolved:
+        """The checked answer to `request`; its cache id goes into `exported` (the requesting
+        link's) in the same step, so the cache cannot go away without that peer being told."""
+        # Under the table lock: the answer (regions, fence) is one snapshot of a live cache.
+        with self._engine.operation(), self._engine.table.lock:
             entry, slot, binding = self._lookup(request)
             raise_if_false(entry.remote_accessible,
                            "cache %d was not registered for remote access", entry.cache_id)
@@ -120,15 +132,16 @@ class Responder:
             release_key = None
             if pulling and binding is not None and binding.releasable:
                 release_key = self._engine.table.identity_of(binding)
-            return Resolved(cache_id=entry.cache_id, geometry=mine,
+            exported.add(entry.cache_id)
+            return Resolved(cache_id=entry.cache_id, geometry=mine, fence=self._fence(entry),
                             placement=int(entry.placement), slot=slot, regions=regions,
                             release_key=release_key,
                             keyed_slots=self._engine.table.keyed_slots(entry))
 
-    def locate(self, request: Locate) -> Located:
+    def locate(self, request: Locate, exported: Set[int]) -> Located:
         """Find the remote-accessible cache tensor that holds each requested address range; a
         range that is not wholly inside one is refused (raw addresses are never trusted)."""
-        with self._engine.operation():
+        with self._engine.operation(), self._engine.table.lock:
             tensors = [(entry, index, raw.data_ptr(), raw.numel())
                        for entry in self._engine.table.entries() if entry.remote_accessible
                        for index, raw in enumerate(entry.raw)]
@@ -141,8 +154,17 @@ class Responder:
                                request.nbytes)
                 entry, index, offset = found[0]
                 places.append(Place(cache_id=entry.cache_id, tensor=index, offset=offset,
-                                    region=entry.region(index)))
+                                    region=entry.region(index), fence=self._fence(entry)))
+                exported.add(entry.cache_id)
             return Located(places=places)
+
+    @staticmethod
+    def _fence(entry: CacheEntry) -> Fence:
+        """(Table lock held.)"""
+        if entry.fence is None:
+            fail(NOT_EXIST, "cache %d does not exist", entry.cache_id)
+        offset, value = entry.fence
+        return Fence(fence_table().region, offset, value)
 
     def release(self, request: Release) -> None:
         """The peer finished pulling these tensors through a request key."""

@@ -4,6 +4,7 @@ known session gets `LLM_NOT_YET_LINK` and touches nothing."""
 from __future__ import annotations
 
 import dataclasses
+import time
 from typing import TYPE_CHECKING
 
 from ..status import LLMStatusCode, fail
@@ -11,6 +12,10 @@ from .link import Link
 from .messages import (Ack, Hello, Invalidate, Locate, Message, MooncakeEndpoint, Ping, Pong,
                        Proof, Release, Resolve, StageArea, Staged, StageRead, StageWrite, Unlink)
 from .owner import Responder
+
+# How long an invalidation waits for this side's transfers on the caches it names (the owner
+# waits a little longer for the answer: invalidation.py).
+INVALIDATE_WAIT_S = 4.0
 
 if TYPE_CHECKING:
     from .links import LinkManager
@@ -46,18 +51,17 @@ class Serving:
         if link is None:
             fail(LLMStatusCode.LLM_NOT_YET_LINK, "%s from a peer that is not linked (unknown "
                  "session): link first", type(request).__name__)
+        link.last_used = time.monotonic()
         return link
 
     def _resolve(self, link: Link, request: Resolve) -> Message:
-        reply = self._responder.resolve(request)
-        if reply.release_key is None:
-            with link.lock:
-                link.exported.add(reply.cache_id)
-        return reply
+        return self._responder.resolve(request, link.exported)
 
     @staticmethod
     def _invalidate(link: Link, request: Invalidate) -> Message:
-        link.forget(set(request.cache_ids))
+        if not link.forget(set(request.cache_ids), INVALIDATE_WAIT_S):
+            fail(LLMStatusCode.LLM_TIMEOUT, "transfers on caches %s of cluster %d still run",
+                 request.cache_ids, link.cluster_id)
         return Ack()
 
     def _stage_area(self, link: Link, _request: StageArea) -> Message:
@@ -67,8 +71,8 @@ class Serving:
         return Staged(region=self._responder.stage(link.cluster_id, request,
                                                    type(request) is StageRead))
 
-    def _locate(self, _link: Link, request: Locate) -> Message:
-        return self._responder.locate(request)
+    def _locate(self, link: Link, request: Locate) -> Message:
+        return self._responder.locate(request, link.exported)
 
     def _release(self, _link: Link, request: Release) -> Message:
         self._responder.release(request)

@@ -18,6 +18,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tupl
 import torch
 
 from .descriptors import Geometry, Region
+from .fences import fence_table
 from ..keys import INVALID_ID, CacheKey
 from ..status import LLMStatusCode, fail, raise_if_false
 
@@ -60,6 +61,7 @@ class CacheEntry:
     pins: int = 0
     writers: int = 0
     retired: bool = False
+    fence: Optional[Tuple[int, int]] = None  # (offset in the fence table, value): fences.py
 
     @property
     def slots(self) -> int:
@@ -102,7 +104,7 @@ class CacheTable:
         self._entries: Dict[int, CacheEntry] = {}
         self._bindings: Dict[KeyId, KeyBinding] = {}
         # Called under the lock when an entry stops being what a peer may have cached for it
-        # (retired, or its blocks key rebound): the link layer tells those peers (_links.py).
+        # (retired, or its blocks key rebound): the link layer tells those peers (control/invalidation.py).
         self.on_forget: Optional[Callable[[CacheEntry], None]] = None
 
     # ---- ids and lookups -------------------------------------------------------------------
@@ -169,6 +171,7 @@ class CacheTable:
                 raise_if_false(identity not in self._bindings, "cache key %s is already bound", identity)
                 seen.add(identity)
             self._entries[entry.cache_id] = entry
+            entry.fence = fence_table().issue()
             for slot, identity in enumerate(identities):
                 if is_padding(identity):
                     continue
@@ -191,6 +194,7 @@ class CacheTable:
                 if old is not None:
                     self._unbind(identity)
             self._entries[entry.cache_id] = entry
+            entry.fence = fence_table().issue()
             if identity is not None:
                 self._bindings[identity] = KeyBinding(entry, 0, False, set())
                 entry.keys.add(identity)
@@ -249,7 +253,14 @@ class CacheTable:
     # ---- pins: entries in use by a copy ----------------------------------------------------
     @contextlib.contextmanager
     def pinned(self, reading: Sequence[CacheEntry], writing: Sequence[CacheEntry] = ()):
+        """Keep the memory of these entries while a copy uses it; a retired entry (freed, or
+        about to be) is refused with `LLM_KV_CACHE_NOT_EXIST`: take its `raw` tensors only
+        inside this block."""
         with self.lock:
+            for entry in (*reading, *writing):
+                if entry.retired:
+                    fail(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, "cache %d does not exist (it was "
+                         "deallocated or unregistered)", entry.cache_id)
             for entry in (*reading, *writing):
                 entry.pins += 1
             for entry in writing:
@@ -320,6 +331,11 @@ class CacheTable:
             self._free_memory(entry)
 
     def _forget(self, entry: CacheEntry) -> None:
+        """What peers kept about `entry` no longer holds: its fence word drops to 0 at once (a
+        live entry gets a new one) and the link layer tells them."""
+        if entry.fence is not None:
+            fence_table().revoke(entry.fence[0])
+        entry.fence = None if entry.retired else fence_table().issue()
         if self.on_forget is not None:
             self.on_forget(entry)
 

@@ -36,3 +36,12 @@ class Geometry(msgspec.Struct, frozen=True, array_like=True):
     @property
     def stride(self) -> int:
         return self.tensor_bytes // self.slots
+
+
+class Fence(msgspec.Struct, frozen=True):
+    """Where the fence word of a cache lives and the value it holds while an answer about the
+    cache holds (core/fences.py)."""
+
+    region: Region  # the owner's fence table
+    offset: Size
+    value: int

@@ -16,6 +16,7 @@ import torch
 
 from ..memory.native import _C
 from ..memory.arena import MemoryArena
+from . import fences
 from .cache_table import CacheEntry, CacheTable
 from ..memory.device import device_range_allocated, resolve_device
 from .options import EngineOptions, strict_limits
@@ -62,6 +63,7 @@ class Engine:
         self.cluster_id = cluster_id
         self.options = options
         self.device = resolve_device(options.device_id)
+        fences.acquire()  # for the life of this engine: its caches' fence words
         self.table = CacheTable()
         self.registry = _C.MemoryRegistry()
         if not strict_limits():
@@ -82,6 +84,7 @@ class Engine:
                     self.pools[placement] = MemoryPool(arena, config.page_bytes)
         except BaseException:
             self._close_pools()
+            fences.release()
             raise
         if self.device.type == "cpu":
             logger.info("cluster %d: no accelerator, Placement.DEVICE memory is CPU memory", cluster_id)
@@ -101,6 +104,7 @@ class Engine:
                 return
             self.closed = True
             self.table.clear()
+            fences.release()
             self._close_pools()
             self.registry = None
 

@@ -203,8 +203,8 @@ class _LayerTask:
         for src_tensor, place in zip(_layer_tensors(layer), reply.places):
             placed = Plan([(src_tensor, place.tensor)], plan.src_offsets,
                           plan.dst_offsets + place.offset, plan.lengths)
-            move(engine, link, place.cache_id, {place.tensor: place.region}, placed, local,
-                 pulling=False, deadline=deadline)
+            move(engine, link, place.cache_id, place.fence, {place.tensor: place.region}, placed,
+                 local, pulling=False, deadline=deadline)
 
 
 def _layer_tensors(layer: int) -> List[int]:

@@ -10,10 +10,14 @@ import time
 from collections import defaultdict
 from typing import Sequence, Tuple
 
+import torch
+
 from ..core.cache_table import CacheEntry
 from ..core.engine import Engine
 from ..control.links import Link
-from ..control.messages import Release, Resolve, Resolved
+from ..control.messages import Ping, Release, Resolve, Resolved
+from ..core.descriptors import Fence
+from ..core.fences import WORD_BYTES as FENCE_BYTES
 from ..core.plan import build_plan
 from ..enums import Placement
 from ..status import LLMException, LLMStatusCode, fail, raise_if_false
@@ -92,32 +96,39 @@ def transfer(engine: Engine, link: Link, ref: RemoteRef, local: CacheEntry, dire
     src_slot, dst_slot = (remote_slot, local_slot) if pulling else (local_slot, remote_slot)
     plan = build_plan(op, src, dst, src_slot, dst_slot, nbytes, src_blocks, dst_blocks, src_tensors,
                       dst_tensors)
-    moved = move(engine, link, reply.cache_id, reply.regions, plan, local, pulling, deadline)
+    moved = move(engine, link, reply.cache_id, reply.fence, reply.regions, plan, local, pulling,
+                 deadline)
     _release_pulled(engine, link, reply, plan, pulling and release_keys, deadline)
     return moved
 
 
-def move(engine: Engine, link: Link, cache_id: int, regions, plan, local: CacheEntry, pulling: bool,
-         deadline: float) -> int:
+def move(engine: Engine, link: Link, cache_id: int, fence: Fence, regions, plan,
+         local: CacheEntry, pulling: bool, deadline: float) -> int:
     """Move the bytes of `plan` between `local` and tensors of the owner's cache `cache_id`
-    (`regions`: wire regions by tensor index); returns the bytes moved.
+    (`regions`: wire regions by tensor index; `fence`: its fence word); returns the bytes moved.
 
     One-sided through the link's transports, or through the owner's staging area when the
-    requester cannot reach that memory (device memory of another process).
+    requester cannot reach that memory (device memory of another process). One-sided moves
+    read the cache's fence word before a write and after every move: a cache that went away
+    (or an owner that restarted) fails the call instead of handing back its old bytes.
     """
     first_remote = regions[plan.pairs[0][0] if pulling else plan.pairs[0][1]]
     if link.needs_staging(first_remote):
-        return staged_move(engine, link, cache_id, plan, local, pulling, deadline)
-    by_transport = defaultdict(list)
-    for src_index, dst_index in plan.pairs:
-        remote_index, local_index = (src_index, dst_index) if pulling else (dst_index, src_index)
-        region = link.shm_allowed(regions[remote_index])
-        remote_offsets, local_offsets = ((plan.src_offsets, plan.dst_offsets) if pulling
-                                         else (plan.dst_offsets, plan.src_offsets))
-        item = TransferItem(region, remote_offsets, local.raw[local_index], local_offsets, plan.lengths)
-        by_transport[link.transport_for(region)].append(item)
+        return staged_move(engine, link, cache_id, fence.value, plan, local, pulling, deadline)
+    remote_offsets, local_offsets = ((plan.src_offsets, plan.dst_offsets) if pulling
+                                     else (plan.dst_offsets, plan.src_offsets))
     moved = 0
-    with engine.table.pinned([] if pulling else [local], [local] if pulling else []):
+    with engine.table.pinned([] if pulling else [local], [local] if pulling else []), \
+            link.using(cache_id):
+        by_transport = defaultdict(list)
+        for src_index, dst_index in plan.pairs:
+            remote_index, local_index = (src_index, dst_index) if pulling else (dst_index, src_index)
+            region = link.shm_allowed(regions[remote_index])
+            item = TransferItem(region, remote_offsets, local.raw[local_index], local_offsets,
+                                plan.lengths)
+            by_transport[link.transport_for(region)].append(item)
+        if not pulling:
+            check_fence(link, cache_id, fence, deadline)
         for transport, items in by_transport.items():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -131,7 +142,35 @@ def move(engine: Engine, link: Link, cache_id: int, regions, plan, local: CacheE
                     link.broken = True  # spec §26.26: a timed-out link must be re-linked
                     in_flight.add_done_callback(engine.table.hold([local]))
                 raise
+        check_fence(link, cache_id, fence, deadline)
     return moved
+
+
+def check_fence(link: Link, cache_id: int, fence: Fence, deadline: float) -> None:
+    """Read the owner's fence word of `cache_id` one-sidedly; anything but `fence.value` means
+    what we were told about the cache no longer holds: `LLM_NOT_YET_LINK` if the owner no
+    longer holds the link (it restarted or unlinked), else `LLM_KV_CACHE_NOT_EXIST`."""
+    region = link.shm_allowed(fence.region)
+    word = torch.zeros(FENCE_BYTES, dtype=torch.uint8)
+    offsets = torch.tensor([fence.offset], dtype=torch.int64)
+    link.transport_for(region).read(
+        [TransferItem(region, offsets, word, torch.zeros(1, dtype=torch.int64),
+                      torch.tensor([FENCE_BYTES], dtype=torch.int64))],
+        max(deadline - time.monotonic(), 0.001))
+    if int(word.view(torch.int64)[0]) == fence.value:
+        return
+    link.forget({cache_id})
+    try:
+        link.call(Ping(session=link.session), max(min(deadline - time.monotonic(), 1.0), 0.05))
+    except LLMException as exc:
+        if exc.status_code == LLMStatusCode.LLM_NOT_YET_LINK:
+            link.broken = True
+            fail(LLMStatusCode.LLM_NOT_YET_LINK, "cluster %d no longer holds the link (it "
+                 "restarted or unlinked); nothing moved with its cache %d is used: unlink and "
+                 "link again", link.cluster_id, cache_id)
+    fail(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, "cache %d of cluster %d went away (deallocated, "
+         "unregistered or rebound) during or before the transfer; nothing moved with it is used",
+         cache_id, link.cluster_id)
 
 
 def _release_pulled(engine: Engine, link: Link, reply: Resolved, plan, release: bool,

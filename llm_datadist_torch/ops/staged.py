@@ -16,13 +16,14 @@ from ..status import LLMStatusCode, fail
 from ..transport.base import TransferItem, Transport
 
 
-def staged_move(engine: Engine, link: Link, cache_id: int, plan: Plan, local: CacheEntry,
-                pulling: bool, deadline: float) -> int:
+def staged_move(engine: Engine, link: Link, cache_id: int, fence: int, plan: Plan,
+                local: CacheEntry, pulling: bool, deadline: float) -> int:
     """Move a plan through the owner's host staging area, chunk by chunk: the owner copies its
     (device) memory to or from the area, and the area is read or written like any host memory.
 
     Every chunk holds the same segments of each planned tensor, packed tensor by tensor, so a
-    segment may use at most 1/len(pairs) of the area; longer ones are split."""
+    segment may use at most 1/len(pairs) of the area; longer ones are split. The owner checks
+    each chunk against the cache's `fence` value (the cache may have gone away since)."""
     remote_tensors = [pair[0] if pulling else pair[1] for pair in plan.pairs]
     local_tensors = [pair[1] if pulling else pair[0] for pair in plan.pairs]
     per_tensor = STAGING_BYTES // len(plan.pairs)
@@ -38,8 +39,9 @@ def staged_move(engine: Engine, link: Link, cache_id: int, plan: Plan, local: Ca
         for ((_, part, packed),) in pack([lengths], per_tensor):
             chunk_lengths = lengths[part]
             chunk_bytes = int(chunk_lengths.sum())
-            message = dict(session=link.session, cache_id=cache_id, tensors=remote_tensors,
-                           offsets=remote_offsets[part].tolist(), lengths=chunk_lengths.tolist())
+            message = dict(session=link.session, cache_id=cache_id, fence=fence,
+                           tensors=remote_tensors, offsets=remote_offsets[part].tolist(),
+                           lengths=chunk_lengths.tolist())
             if pulling:
                 area = link.call(StageRead(**message), deadline - time.monotonic()).region
             elif area is None:

@@ -132,7 +132,7 @@ class NetAgent(agents.Agent):
         return {"overall": int(overall), "per": [int(c) for c in per_cluster]}
 
     def mooncake_endpoint(self) -> str:
-        agent = self.dd._links._agent  # noqa: SLF001 - tests may look inside
+        agent = self.dd._links.mooncake_agent  # noqa: SLF001 - tests may look inside
         return agent.endpoint if agent is not None else ""
 
     def peer_mooncake_endpoint(self, remote_cluster_id: int) -> str:

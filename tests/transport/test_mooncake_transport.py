@@ -198,7 +198,7 @@ def test_same_host_links_never_start_mooncake(no_mooncake, clusters):
     prompt = clusters(LLMRole.PROMPT, 111, "host-a", f"127.0.0.1:{port}")
     decoder = clusters(LLMRole.DECODER, 112, "host-a")
     assert _link(decoder, 111, port)[0] == LLMStatusCode.LLM_SUCCESS
-    assert prompt._links._agent is None and decoder._links._agent is None
+    assert prompt._links.mooncake_agent is None and decoder._links.mooncake_agent is None
 
 
 @pytest.mark.skipif(mooncake_missing() is not None, reason=mooncake_missing() or "")
@@ -226,7 +226,7 @@ def test_other_host_picks_mooncake_both_ways(clusters):
     for mine, theirs in zip(back.tensors, local.tensors):
         assert torch.equal(mine[3], theirs[7])
     assert sorted(prompt._links.get(122).transports) == ["mooncake"]
-    agent = prompt._links._agent
+    agent = prompt._links.mooncake_agent
     assert agent._by_cache[registered.cache_id]
     prompt.cache_manager.unregister_cache(registered.cache_id)
     # The decoder kept the answer about this cache: the memory goes once it was told to forget.
@@ -243,9 +243,9 @@ def test_an_agent_for_one_link_starts_none_for_same_host_peers(clusters):
     near = clusters(LLMRole.PROMPT, 132, "host-a", f"127.0.0.1:{near_port}")
     decoder = clusters(LLMRole.DECODER, 133, "host-a")
     assert _link(decoder, 131, far_port)[0] == LLMStatusCode.LLM_SUCCESS
-    assert decoder._links._agent is not None
+    assert decoder._links.mooncake_agent is not None
     assert _link(decoder, 132, near_port)[0] == LLMStatusCode.LLM_SUCCESS
-    assert near._links._agent is None
+    assert near._links.mooncake_agent is None
 
 
 # ---- the agent's batching (a stub in place of Mooncake's engine) --------------------------------
