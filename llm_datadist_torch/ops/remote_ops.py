@@ -109,8 +109,8 @@ def move(engine: Engine, link: Link, cache_id: int, fence: Fence, regions, plan,
 
     One-sided through the link's transports, or through the owner's staging area when the
     requester cannot reach that memory (device memory of another process). One-sided moves
-    read the cache's fence word before a write and after every move: a cache that went away
-    (or an owner that restarted) fails the call instead of handing back its old bytes.
+    read the cache's fence word before and after the bytes, as a seqlock: a cache that went
+    away (or an owner that restarted) fails the call instead of handing back its old bytes.
     """
     first_remote = regions[plan.pairs[0][0] if pulling else plan.pairs[0][1]]
     if link.needs_staging(first_remote):
@@ -127,8 +127,7 @@ def move(engine: Engine, link: Link, cache_id: int, fence: Fence, regions, plan,
             item = TransferItem(region, remote_offsets, local.raw[local_index], local_offsets,
                                 plan.lengths)
             by_transport[link.transport_for(region)].append(item)
-        if not pulling:
-            check_fence(link, cache_id, fence, deadline)
+        check_fence(link, cache_id, fence, deadline)  # nothing moves with a stale answer
         for transport, items in by_transport.items():
             remaining = deadline - time.monotonic()
             if remaining <= 0:
@@ -153,21 +152,28 @@ def check_fence(link: Link, cache_id: int, fence: Fence, deadline: float) -> Non
     region = link.shm_allowed(fence.region)
     word = torch.zeros(FENCE_BYTES, dtype=torch.uint8)
     offsets = torch.tensor([fence.offset], dtype=torch.int64)
-    link.transport_for(region).read(
-        [TransferItem(region, offsets, word, torch.zeros(1, dtype=torch.int64),
-                      torch.tensor([FENCE_BYTES], dtype=torch.int64))],
-        max(deadline - time.monotonic(), 0.001))
-    if int(word.view(torch.int64)[0]) == fence.value:
-        return
+    try:
+        link.transport_for(region).read(
+            [TransferItem(region, offsets, word, torch.zeros(1, dtype=torch.int64),
+                          torch.tensor([FENCE_BYTES], dtype=torch.int64))],
+            max(deadline - time.monotonic(), 0.001))
+    except LLMException as exc:  # unreadable: the owner's table (or process) is gone
+        if exc.status_code == LLMStatusCode.LLM_TIMEOUT:
+            raise
+    else:
+        if int(word.view(torch.int64)[0]) == fence.value:
+            return
     link.forget({cache_id})
     try:
         link.call(Ping(session=link.session), max(min(deadline - time.monotonic(), 1.0), 0.05))
     except LLMException as exc:
+        link.broken = True
         if exc.status_code == LLMStatusCode.LLM_NOT_YET_LINK:
-            link.broken = True
             fail(LLMStatusCode.LLM_NOT_YET_LINK, "cluster %d no longer holds the link (it "
                  "restarted or unlinked); nothing moved with its cache %d is used: unlink and "
                  "link again", link.cluster_id, cache_id)
+        fail(LLMStatusCode.LLM_LINK_FAILED, "cluster %d does not answer (%s); nothing moved with "
+             "its cache %d is used: link again once it is back", link.cluster_id, exc, cache_id)
     fail(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, "cache %d of cluster %d went away (deallocated, "
          "unregistered or rebound) during or before the transfer; nothing moved with it is used",
          cache_id, link.cluster_id)

@@ -3,7 +3,7 @@ copy uses it, and an owner that re-initialised is never read through an old answ
 
 Two clusters in one process (the `local` transport reads the fence word directly), linked over
 real sockets on 127.0.0.1. The cross-process paths (shm, cma) are in
-tests/integration/test_fencing.py.
+tests/integration/test_fenced_reinit.py.
 """
 import threading
 
