@@ -67,7 +67,7 @@ class Link:
         try:
             return self.rpc.call(request, max(timeout_s, 0.001))
         except LLMException as exc:
-            if exc.status_code == LLMStatusCode.LLM_TIMEOUT:
+            if exc.status_code == LLMStatusCode.LLM_TIMEOUT and getattr(exc, "sent", True):
                 self.broken = True  # spec §26.26: a timed-out link must be re-linked
             raise
 

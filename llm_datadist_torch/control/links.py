@@ -77,7 +77,11 @@ class LinkManager:
         self._invalidator = Invalidator(engine, self.all_links)
         self._reaper = Reaper(self, f"llm_datadist_torch-reaper-{engine.cluster_id}")
         if engine.options.listen is not None:
-            self.listen(*engine.options.listen)
+            try:
+                self.listen(*engine.options.listen)
+            except BaseException:  # e.g. the port is taken: leave no thread or socket behind
+                self.close()
+                raise
 
     # ---- identity and endpoints ------------------------------------------------------------
     @property

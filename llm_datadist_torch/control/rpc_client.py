@@ -75,7 +75,7 @@ class RpcClient:
         """
         payload = codec.encode(request)
         if not timeout_s > 0:  # a deadline already spent: send nothing the caller won't wait for
-            raise self._timeout(timeout_s, "no time left to send")
+            raise self._timeout(timeout_s, "no time left to send", sent=False)
         deadline = time.monotonic() + timeout_s
         request_id = _ID.pack(next(self._ids))
         sock = self._checkout(deadline, timeout_s)
@@ -165,7 +165,7 @@ class RpcClient:
                     raise self._closed_error()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise self._timeout(timeout_s, "all connections busy")
+                    raise self._timeout(timeout_s, "all connections busy", sent=False)
                 self._cond.wait(remaining)
         except BaseException:
             if slot.sock is not None:  # handed over just as we gave up: pass it on
@@ -229,9 +229,13 @@ class RpcClient:
             if time.monotonic() >= deadline:
                 raise self._timeout(timeout_s, "no reply")
 
-    def _timeout(self, timeout_s: float, what: str) -> LLMException:
-        return LLMException(f"{self._endpoint}: {what} within {timeout_s:.3f} s",
-                            status_code=LLMStatusCode.LLM_TIMEOUT)
+    def _timeout(self, timeout_s: float, what: str, sent: bool = True) -> LLMException:
+        """LLM_TIMEOUT; `sent` tells the caller whether the request went out (a request that
+        waited for a free connection until its deadline says nothing about the peer)."""
+        exc = LLMException(f"{self._endpoint}: {what} within {timeout_s:.3f} s",
+                           status_code=LLMStatusCode.LLM_TIMEOUT)
+        exc.sent = sent
+        return exc
 
 
 def _wait_ms(deadline: float) -> int:

@@ -129,6 +129,10 @@ def parse_options(role: str, user_options) -> EngineOptions:
     """Validate `user_options` for an engine of `role` ("Prompt"/"Decoder"/"Mix")."""
     if not isinstance(user_options, dict):
         raise TypeError(f"options only support dict, but got {type(user_options).__name__}")
+    for name, value in user_options.items():  # upstream's binding takes a map of strings
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise TypeError(f"options only support dict[str, str], but {name!r} maps to "
+                            f"{type(value).__name__} {value!r}")
     if "ge.flowGraphMemMaxSize" in user_options:
         value = user_options["ge.flowGraphMemMaxSize"]
         if not isinstance(value, str):
