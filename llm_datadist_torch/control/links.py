@@ -51,6 +51,7 @@ MAX_LINKS = int(os.environ.get("LLM_DATADIST_TORCH_MAX_LINKS", "256"))
 LIVENESS_TIMEOUT_S = 0.2
 LIVENESS_INTERVAL_S = 1.0
 EVICT_IDLE_S = 5.0
+MAX_EVICTION_PROBES = 3
 SESSION_BYTES = 16
 
 
@@ -383,15 +384,20 @@ class LinkManager:
             except LLMException as exc:
                 return refuse(exc.status_code, str(exc))
             identity_fields = self._identity()  # now with our endpoint
+        rpc = RpcClient(hello.reply_endpoint) if hello.reply_endpoint else None
         proof, challenge = None, b""
         if not same_process and hello.host_id == self._host_id:
             # The client proves it shares this host in a `Proof`; until then it is remote.
-            proof = identity.ProofFile(identity.SERVER_PROOF, hello.challenge)
+            try:
+                proof = identity.ProofFile(identity.SERVER_PROOF, hello.challenge)
+            except BaseException:
+                if rpc is not None:
+                    rpc.close()
+                raise
             challenge = secrets.token_bytes(identity.CHALLENGE_BYTES)
         token = secrets.token_bytes(SESSION_BYTES)
         peer = Peer(pid=hello.pid, same_process=same_process, same_host=same_process,
                     mooncake_endpoint=hello.mooncake_endpoint, mooncake_agent=self.mooncake_agent)
-        rpc = RpcClient(hello.reply_endpoint) if hello.reply_endpoint else None
         link = Link(hello.cluster_id, peer, rpc, self._engine.options.transfer_backend,
                     self.bounce, session=hello.session)
         self._add(link, token)
@@ -415,11 +421,9 @@ class LinkManager:
             if old is None:
                 if len(self._links) < MAX_LINKS:
                     return None
-                idlest = min(self._links.values(), key=lambda link: link.last_used)
+                by_idleness = sorted(self._links.values(), key=lambda link: link.last_used)
         if old is None:
-            if time.monotonic() - idlest.last_used > EVICT_IDLE_S \
-                    and not holds_link(idlest, LIVENESS_TIMEOUT_S):
-                self.drop_link(idlest)
+            if self._evict_one(by_idleness):
                 return None
             return (LLMStatusCode.LLM_CLUSTER_NUM_EXCEED_LIMIT,
                     f"{MAX_LINKS} links, the most one engine holds (LLM_DATADIST_TORCH_MAX_LINKS)")
@@ -432,6 +436,22 @@ class LinkManager:
         if not holds_link(old, LIVENESS_TIMEOUT_S):
             return None  # the old peer is gone or no longer holds the link
         return LLMStatusCode.LLM_ALREADY_LINK, f"cluster {cluster_id} is linked and alive"
+
+    def _evict_one(self, by_idleness: List[Link]) -> bool:
+        """Drop the longest idle link whose peer does not answer for it; a few probes at most
+        (links without a way to reach their peer need none)."""
+        probes, now = 0, time.monotonic()
+        for link in by_idleness:
+            if now - link.last_used <= EVICT_IDLE_S:
+                return False
+            if link.rpc is not None and not link.broken:
+                if probes == MAX_EVICTION_PROBES:
+                    return False
+                probes += 1
+            if not holds_link(link, LIVENESS_TIMEOUT_S):
+                self.drop_link(link)
+                return True
+        return False
 
     def on_proof(self, link: Link, request: Proof) -> Message:
         """The client of `link` proves it shares this host: from now on it is served by the

@@ -144,8 +144,12 @@ class _LayerTask:
                 self._results.setdefault(config.dst_cluster_id, LLMStatusCode.LLM_FAILED)
 
     def _run_layers(self) -> None:
+        """Each layer to every destination that wants it; a destination that failed gets
+        nothing more (its result says why), the others go on."""
+        failed = set()
         for layer in range(self._num_layers):
-            targets = [c for c in self._configs if layer in c.src_layer_range]
+            targets = [c for c in self._configs
+                       if layer in c.src_layer_range and c.dst_cluster_id not in failed]
             if not targets:
                 continue  # nobody wants this layer: the synchronizer is not asked either
             if not self._synchronizer.synchronize_layer(layer, None):
@@ -153,13 +157,16 @@ class _LayerTask:
                     self._results[config.dst_cluster_id] = PARAM
                 return
             for config in targets:
+                if config.dst_cluster_id in failed:
+                    continue  # an earlier config of the same destination failed on this layer
                 try:
                     self._send_layer(config, layer)
                 except LLMException as exc:
                     logger.error("transfer_cache_async: layer %d to cluster %d failed: %s", layer,
                                  config.dst_cluster_id, exc)
                     self._results[config.dst_cluster_id] = exc.status_code
-                    return
+                    failed.add(config.dst_cluster_id)
+                    continue
                 if layer == config.src_layer_range.stop - 1:
                     self._results[config.dst_cluster_id] = SUCCESS
 

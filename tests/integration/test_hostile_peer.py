@@ -919,14 +919,6 @@ def test_a_flooder_that_left_gives_way_to_a_new_peer(target):
     assert result["per"] == [OK], f"a new peer cannot link after the flooder left: {result}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "lock-out: a flooder fills MAX_LINKS from a socket that then goes away; after EVICT_IDLE_S "
-    "a new peer is still refused with LLM_CLUSTER_NUM_EXCEED_LIMIT while the linked decoder "
-    "stays quiet, because LinkManager._room_for (links.py) probes only the single idlest link: "
-    "that is the live decoder (its pulls use the kept Resolved answers and fence reads, so they "
-    "send the owner nothing and its link's last_used stays old), it answers the probe, and the "
-    "255 dead flood links behind it are never considered. Needs _room_for to go on to the next "
-    "idlest link (bounded number of probes) when the idlest one is alive"))
 def test_a_flooder_that_left_does_not_lock_out_new_peers_while_the_decoder_is_quiet(target):
     target.pull(target.decoder, "reg")  # pulls as usual: the owner hears nothing of them
     with target.peer() as peer:

@@ -172,6 +172,35 @@ def test_one_task_two_decoders_and_an_unlinked_cluster(harness):
     stop_pair(pair)
 
 
+def test_a_failing_first_destination_does_not_stop_the_others(harness):
+    """The unlinked cluster comes first and wants layer 0: it fails at once, and the two linked
+    decoders still get every layer they asked for."""
+    pair = start_pair(harness)
+    other = harness.spawn(agent, name="decoder2")
+    oid = new_cluster_id()
+    other.call("init", oid, "DECODER")
+    assert other.call("link", pair.pid, pair.port)["overall"] == 0
+    pair.p.call("allocate", "first_src", 8, C_SHAPE, seed=95)
+    pair.d.call("allocate", "first_dst", 4, D_C_SHAPE, seed=96)
+    other.call("allocate", "first_dst", 4, D_C_SHAPE, seed=97)
+    first = pair.d.call("addresses", "first_dst")
+    second = [addr + SLOT for addr in other.call("addresses", "first_dst")]
+    configs = [("addrs", new_cluster_id(), first[:2], (0, 1), 0),
+               ("addrs", pair.did, first, (0, 2), 0), ("addrs", oid, second, (2, 4), 1)]
+    out = pair.p.call("transfer_layers", "first_src", configs, seed=98)
+    assert out["results"] == [int(LLMStatusCode.LLM_NOT_YET_LINK), OK, OK], out
+    src = written(98, 8, C_SHAPE)
+    one, two = Model(96, 4, D_C_SHAPE), Model(97, 4, D_C_SHAPE)
+    for k in range(4):
+        one.t[k][0] = src.t[k][0]
+        two.t[k][1] = src.t[4 + k][1]
+    one.check(pair.d, "first_dst")
+    two.check(other, "first_dst")
+    other.call("unlink", pair.pid, pair.port)
+    other.finish()
+    stop_pair(pair)
+
+
 def test_dead_decoder_ends_in_an_error_not_a_hang(harness):
     pair = start_pair(harness, {"sync_kv_timeout": 1000})
     pair.p.call("allocate", "dead_src", 4, C_SHAPE, seed=101)
