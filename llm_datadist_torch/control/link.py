@@ -35,6 +35,7 @@ class Link:
     session: bytes = b""  # the peer's token for this link: every request to the peer carries it
     start_time: Optional[int] = None  # of the peer's pid, when proven on this host (pid reuse)
     broken: bool = False
+    authenticated: bool = True  # False until a peer that must authenticate has (handshake.py)
     last_used: float = dataclasses.field(default_factory=time.monotonic)  # a request either way
     transports: Dict[str, Transport] = dataclasses.field(default_factory=dict)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)

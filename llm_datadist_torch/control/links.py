@@ -1,22 +1,19 @@
-"""Links between clusters: the control-plane server, both sides of the handshake, the table.
+"""Links between clusters: the control-plane server, the link table, linking and unlinking.
 
 Every initialized `LLMDataDist` runs one `RpcServer`. A server (`listen_ip_info`) binds it to
 its listen endpoint; a client binds it to an ephemeral port on its local IP at its first
 `link_clusters`, and sends that endpoint in the handshake so the peer can call back: links are
 bidirectional, either side may pull or push. Data never goes through this channel.
 
-The handshake gives each side a secret session token that the other puts in every later
-request (serving.py serves a request as the link of its token, nothing else), and proves
-"same process" and "same host" from local facts (identity.py): the peer's pid and host id are
-claims, used only for what a wrong claim cannot abuse.
+The handshake (handshake.py) gives each side a secret session token that the other puts in
+every later request (serving.py serves a request as the link of its token, nothing else), and
+proves "same process" and "same host" from local facts (identity.py).
 """
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import logging
 import os
-import secrets
 import threading
 import time
 from typing import Dict, List, Optional, Tuple
@@ -24,17 +21,15 @@ from typing import Dict, List, Optional, Tuple
 from ..configs import LLMClusterInfo, ip_int_to_str
 from ..core.engine import Engine
 from ..status import LLMException, LLMStatusCode, fail
-from ..transport.base import Peer
 from ..transport.bounce import BounceBuffer
-from . import identity
+from .handshake import Handshake
 from .host import local_host_id
 from .invalidation import Invalidator
-from .liveness import Reaper, holds_link
 from .link import Link, endpoint, host_of
-from .messages import Ack, Hello, HelloReply, Message, MooncakeEndpoint, Ping, Proof, Unlink
+from .liveness import Reaper, holds_link
+from .messages import Unlink
 from .mooncake_peering import MooncakePeering
 from .owner import Responder
-from .rpc_client import RpcClient
 from .rpc_server import RpcServer
 from .serving import Serving
 
@@ -52,7 +47,6 @@ LIVENESS_TIMEOUT_S = 0.2
 LIVENESS_INTERVAL_S = 1.0
 EVICT_IDLE_S = 5.0
 MAX_EVICTION_PROBES = 3
-SESSION_BYTES = 16
 
 
 class LinkManager:
@@ -66,7 +60,6 @@ class LinkManager:
         self._endpoints_lock = threading.Lock()
         self._links: Dict[int, Link] = {}
         self._sessions: Dict[bytes, Link] = {}  # tokens this side issued -> their link
-        self._proofs: Dict[Link, Tuple[identity.ProofFile, bytes]] = {}  # asked, not yet given
         self._liveness_checked: Dict[int, float] = {}
         self._server = RpcServer(Serving(self, self._responder).handle,
                                  name=f"llm_datadist_torch-{engine.cluster_id}")
@@ -74,6 +67,7 @@ class LinkManager:
         self._callback: Optional[str] = None  # ephemeral endpoint of a client
         self._host_id = local_host_id()
         self._mooncake = MooncakePeering(engine, lambda: self._listen)
+        self.handshake = Handshake(self, engine, self._mooncake, self._host_id)
         self._server.start()
         self._invalidator = Invalidator(engine, self.all_links)
         self._reaper = Reaper(self, f"llm_datadist_torch-reaper-{engine.cluster_id}")
@@ -89,83 +83,9 @@ class LinkManager:
     def reply_endpoint(self) -> str:
         return self._listen or self._callback or ""
 
-    def _identity(self) -> dict:
-        return dict(cluster_id=self._engine.cluster_id, host_id=self._host_id, pid=os.getpid(),
-                    mooncake_endpoint=self._mooncake.endpoint,
-                    mooncake_required=self._mooncake.forced)
-
     @property
     def mooncake_agent(self):
         return self._mooncake.agent
-
-    # ---- client side of the handshake -------------------------------------------------------
-    def _link_to(self, address: str, peer_host: str, local_ip: Optional[str],
-                 deadline: float) -> Link:
-        """Handshake with the server at `address`; the link, added to the table.
-
-        `LLMException` with the status to report when the server refuses, does not answer, or
-        claims to share this host without proving it."""
-        if self._mooncake.forced:
-            self._mooncake.start(peer_host, local_ip)  # so the server learns our endpoint now
-        challenge = identity.new_challenge()
-        token = secrets.token_bytes(SESSION_BYTES)
-        hello = Hello(reply_endpoint=self.reply_endpoint, challenge=challenge, session=token,
-                      **self._identity())
-        rpc = RpcClient(address)
-        try:
-            try:
-                reply = rpc.call(hello, max(deadline - time.monotonic(), 0.001))
-            except LLMException as exc:
-                fail(LLMStatusCode.LLM_LINK_FAILED, "no handshake with %s: %s", address, exc)
-            if not isinstance(reply, HelloReply) or not reply.accepted:
-                code = reply.status_code if isinstance(reply, HelloReply) else LLMStatusCode.LLM_LINK_FAILED
-                fail(LLMStatusCode(code), "%s refused the link: %s", address,
-                     getattr(reply, "message", reply))
-            try:
-                link = self._complete(rpc, hello, reply, peer_host, local_ip, deadline)
-            except LLMException:
-                try:  # the server already holds a link with us: drop it (best effort)
-                    rpc.call(Unlink(session=reply.session), 0.5)
-                except LLMException:
-                    pass
-                raise
-        except BaseException:
-            rpc.close()
-            raise
-        finally:
-            identity.forget(challenge)
-        self._add(link, token)
-        return link
-
-    def _complete(self, rpc: RpcClient, hello: Hello, reply: HelloReply, peer_host: str,
-                  local_ip: Optional[str], deadline: float) -> Link:
-        """Client side of an accepted handshake: check what the server claims about sharing our
-        process or host, prove ours, start our Mooncake agent if the link needs one and the
-        server does not know it yet (then tell it), and build the link."""
-        same_process = identity.answered_locally(hello.challenge) and reply.pid == os.getpid()
-        start = None
-        if not same_process and reply.host_id == self._host_id:
-            proven, why = identity.verify_proof(identity.SERVER_PROOF, hello.challenge, reply.pid,
-                                                reply.proof_name, reply.proof_fd)
-            if not proven:
-                fail(LLMStatusCode.LLM_LINK_FAILED, "cluster %d says it shares this host (pid "
-                     "%d) but did not prove it: %s", reply.cluster_id, reply.pid, why)
-            start = identity.start_time(reply.pid)
-            proof = identity.ProofFile(identity.CLIENT_PROOF, reply.challenge)
-            try:
-                rpc.call(Proof(session=reply.session, proof_name=proof.name, proof_fd=proof.fd),
-                         max(deadline - time.monotonic(), 0.001))
-            finally:
-                proof.close()
-        if self._mooncake.needed_with(reply, self._host_id) and not hello.mooncake_endpoint:
-            agent = self._mooncake.start(peer_host, local_ip)
-            rpc.call(MooncakeEndpoint(session=reply.session, endpoint=agent.endpoint),
-                     max(deadline - time.monotonic(), 0.001))
-        peer = Peer(pid=reply.pid, same_process=same_process,
-                    same_host=same_process or start is not None,
-                    mooncake_endpoint=reply.mooncake_endpoint, mooncake_agent=self.mooncake_agent)
-        return Link(reply.cluster_id, peer, rpc, self._engine.options.transfer_backend,
-                    self.bounce, session=reply.session, start_time=start)
 
     def listen(self, ip: str, port: int) -> None:
         """Serve on ip:port (replacing an earlier listen endpoint on another port)."""
@@ -178,6 +98,10 @@ class LinkManager:
                 self._listen = None
             self._listen = self._server.bind(wanted)
             logger.info("cluster %d listens on %s", self._engine.cluster_id, self._listen)
+            if self._engine.options.auth_key is None and not ip.startswith("127."):
+                logger.warning("cluster %d accepts links from any host that reaches %s (no "
+                               "shared key: set LLM_DATADIST_TORCH_AUTH_KEY to authenticate "
+                               "them)", self._engine.cluster_id, self._listen)
 
     def bind_extra(self, address: str) -> str:
         """Also serve on `address` (a rank endpoint of a `link()` domain); no-op if bound."""
@@ -194,7 +118,8 @@ class LinkManager:
     def connect(self, address: str, timeout_s: float) -> LLMStatusCode:
         """Handshake with the server at `address` and keep the link (used by `link()`)."""
         try:
-            self._link_to(address, host_of(address), None, time.monotonic() + timeout_s)
+            self.add(*self.handshake.link_to(address, host_of(address), None,
+                                             time.monotonic() + timeout_s))
         except LLMException as exc:
             logger.info("link to %s failed: %s", address, exc)
             return exc.status_code
@@ -251,7 +176,7 @@ class LinkManager:
         with self._lock:
             return self._sessions.get(token)
 
-    def _add(self, link: Link, token: bytes) -> None:
+    def add(self, link: Link, token: bytes) -> None:
         """Add `link`, reached by requests carrying `token`, replacing a link with its cluster."""
         with self._lock:
             old = self._links.pop(link.cluster_id, None)
@@ -259,14 +184,14 @@ class LinkManager:
             self._sessions[token] = link
         if old is not None:
             self._forget(old)
-        self._grant_access()
+        self.grant_access()
 
     def _drop(self, cluster_id: int) -> bool:
         with self._lock:
             link = self._links.pop(cluster_id, None)
         if link is not None:
             self._forget(link)
-            self._grant_access()
+            self.grant_access()
         return link is not None
 
     def drop_link(self, link: Link) -> None:
@@ -275,23 +200,21 @@ class LinkManager:
             if self._links.get(link.cluster_id) is link:
                 del self._links[link.cluster_id]
         self._forget(link)
-        self._grant_access()
+        self.grant_access()
 
     def _forget(self, link: Link) -> None:
         """Close a link that left the table: its sessions, pending proof, staging area."""
         with self._lock:
             for token in [t for t, held in self._sessions.items() if held is link]:
                 del self._sessions[token]
-            proof = self._proofs.pop(link, None)
             still_linked = link.cluster_id in self._links
-        if proof is not None:
-            proof[0].close()
+        self.handshake.forget(link)
         if not still_linked:
             self._responder.drop_staging(link.cluster_id)
             self._liveness_checked.pop(link.cluster_id, None)
         link.close()
 
-    def _grant_access(self) -> None:
+    def grant_access(self) -> None:
         from ..transport.cma import grant_access
         with self._lock:
             grant_access({link.peer.pid for link in self._links.values()
@@ -322,7 +245,9 @@ class LinkManager:
                         if cluster.local_ip_info_list else "127.0.0.1")
             peer_host = ip_int_to_str(remote_ip)
             self._ensure_callback(local_ip if local_ip != "0.0.0.0" else "127.0.0.1")
-            link = self._link_to(endpoint(peer_host, remote_port), peer_host, local_ip, deadline)
+            link, token = self.handshake.link_to(endpoint(peer_host, remote_port), peer_host,
+                                                 local_ip, deadline)
+            self.add(link, token)
         except LLMException as exc:
             logger.error("link to cluster %s failed: %s", cluster.remote_cluster_id, exc)
             return exc.status_code
@@ -359,58 +284,8 @@ class LinkManager:
         self._drop(cluster.remote_cluster_id)
         return SUCCESS
 
-    # ---- server side of the handshake -------------------------------------------------------
-    def accept(self, hello: Hello) -> HelloReply:
-        identity_fields = self._identity()
-
-        def refuse(code: LLMStatusCode, message: str) -> HelloReply:
-            logger.warning("cluster %d refused a link from cluster %d: %s",
-                           self._engine.cluster_id, hello.cluster_id, message)
-            return HelloReply(accepted=False, status_code=int(code), message=message,
-                              **identity_fields)
-
-        if hello.cluster_id == self._engine.cluster_id:
-            return refuse(LLMStatusCode.LLM_PARAM_INVALID,
-                          "a cluster cannot link with its own cluster_id")
-        if not hello.session or not hello.challenge:
-            return refuse(LLMStatusCode.LLM_LINK_FAILED, "a handshake without session and challenge")
-        same_process = identity.answer_if_local(hello.challenge) and hello.pid == os.getpid()
-        refused = self._room_for(hello.cluster_id)
-        if refused is not None:
-            return refuse(*refused)
-        if not same_process and self._mooncake.needed_with(hello, self._host_id):
-            try:
-                self._mooncake.start(host_of(hello.reply_endpoint))
-            except LLMException as exc:
-                return refuse(exc.status_code, str(exc))
-            identity_fields = self._identity()  # now with our endpoint
-        rpc = RpcClient(hello.reply_endpoint) if hello.reply_endpoint else None
-        proof, challenge = None, b""
-        if not same_process and hello.host_id == self._host_id:
-            # The client proves it shares this host in a `Proof`; until then it is remote.
-            try:
-                proof = identity.ProofFile(identity.SERVER_PROOF, hello.challenge)
-            except BaseException:
-                if rpc is not None:
-                    rpc.close()
-                raise
-            challenge = secrets.token_bytes(identity.CHALLENGE_BYTES)
-        token = secrets.token_bytes(SESSION_BYTES)
-        peer = Peer(pid=hello.pid, same_process=same_process, same_host=same_process,
-                    mooncake_endpoint=hello.mooncake_endpoint, mooncake_agent=self.mooncake_agent)
-        link = Link(hello.cluster_id, peer, rpc, self._engine.options.transfer_backend,
-                    self.bounce, session=hello.session)
-        self._add(link, token)
-        if proof is not None:
-            with self._lock:
-                self._proofs[link] = (proof, challenge)
-        logger.info("cluster %d accepted a link from cluster %d (pid %d)", self._engine.cluster_id,
-                    hello.cluster_id, hello.pid)
-        return HelloReply(accepted=True, status_code=int(SUCCESS), session=token,
-                          challenge=challenge, proof_name=proof.name if proof else "",
-                          proof_fd=proof.fd if proof else -1, **identity_fields)
-
-    def _room_for(self, cluster_id: int) -> Optional[Tuple[LLMStatusCode, str]]:
+    # ---- room under the link cap -------------------------------------------------------------
+    def room_for(self, cluster_id: int) -> Optional[Tuple[LLMStatusCode, str]]:
         """Why a handshake from `cluster_id` cannot be taken now, or None.
 
         A cluster that is linked already is replaced only if the old link is broken or its
@@ -453,29 +328,6 @@ class LinkManager:
                 return True
         return False
 
-    def on_proof(self, link: Link, request: Proof) -> Message:
-        """The client of `link` proves it shares this host: from now on it is served by the
-        same-host transports (and may read this process's memory through CMA)."""
-        with self._lock:
-            pending = self._proofs.pop(link, None)
-        if pending is None:
-            fail(LLMStatusCode.LLM_PARAM_INVALID, "no proof was asked of cluster %d",
-                 link.cluster_id)
-        proof, challenge = pending
-        try:
-            proven, why = identity.verify_proof(identity.CLIENT_PROOF, challenge, link.peer.pid,
-                                                request.proof_name, request.proof_fd)
-        finally:
-            proof.close()
-        if not proven:
-            fail(LLMStatusCode.LLM_LINK_FAILED, "cluster %d says it shares this host (pid %d) "
-                 "but did not prove it: %s", link.cluster_id, link.peer.pid, why)
-        with link.lock:
-            link.start_time = identity.start_time(link.peer.pid)
-            link.peer = dataclasses.replace(link.peer, same_host=True)
-        self._grant_access()
-        return Ack()
-
     # ---- shutdown --------------------------------------------------------------------------
     def close(self) -> None:
         self._reaper.close()
@@ -486,7 +338,7 @@ class LinkManager:
             links, self._links = list(self._links.values()), {}
         for link in links:
             self._forget(link)
-        self._grant_access()
+        self.grant_access()
         self._mooncake.close()
         self.bounce.close()
 

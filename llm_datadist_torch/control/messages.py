@@ -76,15 +76,18 @@ class HelloReply(_PeerIdentity, tag="hello_reply", frozen=True, kw_only=True):
     message: str = ""
     proof_name: Text = ""
     proof_fd: int = -1
+    auth: Token = b""  # with a shared key: HMAC over both challenges (auth.py)
 
 
 class Proof(Message, tag="proof", frozen=True, kw_only=True):
-    """Client -> server after an accepted handshake on one host: the client's proof of sharing
-    the server's host (the server's challenge in a /dev/shm file the client holds open)."""
+    """Client -> server after an accepted handshake that asked for it: the client's MAC (with
+    a shared key) and/or its proof of sharing the server's host (the server's challenge in a
+    /dev/shm file the client holds open)."""
 
     session: Token
-    proof_name: Text
-    proof_fd: int
+    mac: Token = b""
+    proof_name: Text = ""
+    proof_fd: int = -1
 
 
 class Ping(Message, tag="ping", frozen=True, kw_only=True):

@@ -3,7 +3,6 @@ handshake issued the session token it carries, whatever else it says; a request 
 known session gets `LLM_NOT_YET_LINK` and touches nothing."""
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import TYPE_CHECKING
 
@@ -30,13 +29,15 @@ class Serving:
         self._handlers = {
             Resolve: self._resolve, Invalidate: self._invalidate, StageArea: self._stage_area,
             StageRead: self._stage, StageWrite: self._stage, Locate: self._locate,
-            Release: self._release, Unlink: self._unlink, MooncakeEndpoint: self._mooncake_endpoint,
-            Proof: links.on_proof,
+            Release: self._release, Unlink: self._unlink,
+            MooncakeEndpoint: self._mooncake_endpoint,
         }
 
     def handle(self, request: Message, _peer_identity: bytes) -> Message:
         if isinstance(request, Hello):
-            return self._links.accept(request)
+            return self._links.handshake.accept(request)
+        if isinstance(request, Proof):
+            return self._links.handshake.on_proof(self._link(request, proving=True), request)
         if isinstance(request, Ping):
             if request.session:  # "do you still hold this link?"
                 self._link(request)
@@ -46,11 +47,14 @@ class Serving:
             fail(LLMStatusCode.LLM_PARAM_INVALID, "unexpected request %s", type(request).__name__)
         return handler(self._link(request), request)
 
-    def _link(self, request) -> Link:
+    def _link(self, request, proving: bool = False) -> Link:
         link = self._links.by_session(request.session)
         if link is None:
             fail(LLMStatusCode.LLM_NOT_YET_LINK, "%s from a peer that is not linked (unknown "
                  "session): link first", type(request).__name__)
+        if not link.authenticated and not proving:
+            fail(LLMStatusCode.LLM_LINK_FAILED, "%s from cluster %d, which has not authenticated "
+                 "with the shared key", type(request).__name__, link.cluster_id)
         link.last_used = time.monotonic()
         return link
 
@@ -83,10 +87,4 @@ class Serving:
         return Ack()
 
     def _mooncake_endpoint(self, link: Link, request: MooncakeEndpoint) -> Message:
-        with link.lock:
-            link.peer = dataclasses.replace(link.peer, mooncake_endpoint=request.endpoint,
-                                            mooncake_agent=self._links.mooncake_agent)
-            stale = link.transports.pop("mooncake", None)
-        if stale is not None:
-            stale.close()
-        return Ack()
+        return self._links.handshake.on_mooncake_endpoint(link, request)

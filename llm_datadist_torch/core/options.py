@@ -17,6 +17,9 @@ DEFAULT_SYNC_KV_TIMEOUT_MS = 1000
 # transport of this library.
 TRANSFER_BACKENDS = ("hixl", "auto", "local", "shm", "cma", "mooncake")
 HOST_POOL_LIMIT = 20 * 10**9
+# A torch extra: the shared key links authenticate with (control/auth.py); none = open links.
+AUTH_KEY_OPTION = "llm_datadist_torch.AuthKey"
+AUTH_KEY_ENV = "LLM_DATADIST_TORCH_AUTH_KEY"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +48,7 @@ class EngineOptions:
     link_retry_count: int
     enable_switch_role: bool
     raw: Dict[str, str]
+    auth_key: Optional[bytes] = None  # links authenticate with it (control/auth.py)
 
 
 def strict_limits() -> bool:
@@ -210,4 +214,5 @@ def parse_options(role: str, user_options) -> EngineOptions:
         link_retry_count=retries,
         enable_switch_role=options.get("llm.EnableSwitchRole") == "1",
         raw=options,
+        auth_key=(options.get(AUTH_KEY_OPTION) or os.environ.get(AUTH_KEY_ENV, "")).encode() or None,
     )

@@ -106,3 +106,37 @@ def test_more_concurrent_calls_than_the_pipeline_holds_all_succeed(make_datadist
         for mine, theirs in zip(cache.tensors, source.tensors):
             assert torch.equal(mine, theirs[i * pulls:(i + 1) * pulls])
     assert not puller._links.get(owner.cluster_id).broken
+
+
+# ---- authentication with a shared key --------------------------------------------------------
+KEY_OPTION = "llm_datadist_torch.AuthKey"
+
+
+@pytest.mark.parametrize("owner_key, puller_key, linked", [
+    ("s3cret", "s3cret", True), ("s3cret", "other", False), ("s3cret", None, False),
+    (None, "s3cret", False)])
+def test_links_authenticate_with_the_shared_key(instances, owner_key, puller_key, linked):
+    """Both sides hold the key: the link works. Otherwise it is refused with LLM_LINK_FAILED,
+    and the owner serves nothing to the peer it could not authenticate."""
+    def start(key, listen):
+        options = {"llm.EnableCacheManager": "1", "ge.exec.deviceId": "0",
+                   "llm.MemPoolConfig": '{"memory_size": 1048576}'}
+        if listen:
+            options["llm.listenIpInfo"] = "127.0.0.1:0"
+        if key is not None:
+            options[KEY_OPTION] = key
+        datadist = instances()
+        datadist.init(options)
+        return datadist
+
+    owner, puller = start(owner_key, True), start(puller_key, False)
+    port = int(owner._links.listening.rsplit(":", 1)[1])
+    overall, _ = puller.link_clusters([cluster_info(owner.cluster_id, port)], 3000)
+    if linked:
+        assert overall == LLMStatusCode.LLM_SUCCESS
+        assert owner._links.get(puller.cluster_id).authenticated
+        return
+    assert overall == LLMStatusCode.LLM_LINK_FAILED
+    assert puller._links.linked_ids() == []
+    for link in owner._links.all_links():  # whatever the owner still holds serves nothing
+        assert not link.authenticated or owner_key is None
