@@ -122,7 +122,10 @@ class Handshake:
             fail(LLMStatusCode.LLM_LINK_FAILED, "cluster %d requires authenticated links: set "
                  "LLM_DATADIST_TORCH_AUTH_KEY (or the llm_datadist_torch.AuthKey option) to its "
                  "shared key", reply.cluster_id)
-        same_process = identity.answered_locally(hello.challenge) and reply.pid == os.getpid()
+        # (A process has one host id; tests that give clusters of one process different ones
+        # make them play separate hosts.)
+        same_process = (identity.answered_locally(hello.challenge) and reply.pid == os.getpid()
+                        and reply.host_id == self._host_id)
         start = None
         proof = None
         if not same_process and reply.host_id == self._host_id:
@@ -170,7 +173,8 @@ class Handshake:
                           "a cluster cannot link with its own cluster_id")
         if not hello.session or not hello.challenge:
             return refuse(LLMStatusCode.LLM_LINK_FAILED, "a handshake without session and challenge")
-        same_process = identity.answer_if_local(hello.challenge) and hello.pid == os.getpid()
+        same_process = (identity.answer_if_local(hello.challenge) and hello.pid == os.getpid()
+                        and hello.host_id == self._host_id)
         refused = self._links.room_for(hello.cluster_id)
         if refused is not None:
             return refuse(*refused)

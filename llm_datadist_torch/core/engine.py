@@ -63,7 +63,7 @@ class Engine:
         self.cluster_id = cluster_id
         self.options = options
         self.device = resolve_device(options.device_id)
-        fences.acquire()  # for the life of this engine: its caches' fence words
+        self.fences = fences.acquire()  # held for the life of this engine: its caches' words
         self.table = CacheTable()
         self.registry = _C.MemoryRegistry()
         if not strict_limits():

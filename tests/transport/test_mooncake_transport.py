@@ -321,7 +321,8 @@ def _bare_engine():
     """What MooncakeAgent needs of an `Engine`, with no pools or caches."""
     table = types.SimpleNamespace(lock=threading.RLock(), entries=lambda: [])
     return types.SimpleNamespace(options=types.SimpleNamespace(sync_kv_timeout_ms=5000),
-                                 table=table, pools={}, cluster_id=0, memory_listener=None)
+                                 table=table, pools={}, cluster_id=0, memory_listener=None,
+                                 fences=None)  # no caches, so no fence words to reach
 
 
 @pytest.mark.skipif(mooncake_missing() is not None, reason=mooncake_missing() or "")

@@ -24,7 +24,6 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
-from ...core.fences import fence_table
 from ...status import LLMStatusCode, fail
 
 logger = logging.getLogger(__name__)
@@ -187,8 +186,8 @@ class MooncakeAgent:
                         self._arenas.append(tensor.data_ptr())
             for entry in engine.table.entries():
                 self.memory_added(entry)
-            fences = fence_table().region  # peers read the fence words of our caches too
-            self.area_added(fences.address, fences.nbytes)
+            if engine.fences is not None:  # peers read the fence words of our caches too
+                self.area_added(engine.fences.region.address, engine.fences.region.nbytes)
             engine.memory_listener = self
 
     def memory_added(self, entry) -> None:
