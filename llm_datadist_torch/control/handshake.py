@@ -159,6 +159,12 @@ class Handshake:
         return self._new_link(reply.cluster_id, peer, rpc, reply.session, start_time=start)
 
     # ---- server side -------------------------------------------------------------------------
+    def starts_mooncake(self, hello: Hello) -> bool:
+        """Whether accepting `hello` would start our Mooncake agent (slow: not on the thread
+        that serves requests)."""
+        return (self._mooncake.agent is None and self._key is None
+                and self._mooncake.needed_with(hello, self._host_id))
+
     def accept(self, hello: Hello) -> HelloReply:
         identity_fields = self._identity()
 

@@ -61,7 +61,8 @@ class LinkManager:
         self._links: Dict[int, Link] = {}
         self._sessions: Dict[bytes, Link] = {}  # tokens this side issued -> their link
         self._liveness_checked: Dict[int, float] = {}
-        self._server = RpcServer(Serving(self, self._responder).handle,
+        self._serving = Serving(self, self._responder)
+        self._server = RpcServer(self._serving.handle,
                                  name=f"llm_datadist_torch-{engine.cluster_id}")
         self._listen: Optional[str] = None    # public endpoint (listen_ip_info)
         self._callback: Optional[str] = None  # ephemeral endpoint of a client
@@ -333,6 +334,7 @@ class LinkManager:
         self._reaper.close()
         self._invalidator.close()
         self._server.close()
+        self._serving.close()
         self._responder.close()
         with self._lock:
             links, self._links = list(self._links.values()), {}

@@ -6,11 +6,12 @@ untouched. The id is opaque here; the client uses it to drop late replies.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import queue
 import threading
 import weakref
-from typing import Callable, List, Optional
+from typing import Callable, List, Optional, Union
 
 import zmq
 
@@ -21,7 +22,9 @@ from .messages import ErrorReply, Message
 
 logger = logging.getLogger(__name__)
 
-Handler = Callable[[Message, bytes], Message]
+# A handler answers at once with a Message, or hands the work to another thread and returns a
+# Future of the Message: the serving thread goes on answering others meanwhile.
+Handler = Callable[[Message, bytes], Union[Message, "concurrent.futures.Future[Message]"]]
 
 POLL_MS = 50  # upper bound on how long the thread takes to notice `close()` without a wake-up
 MAX_MESSAGE_BYTES = 64 << 20  # control messages are small metadata; zmq drops bigger ones
@@ -36,7 +39,8 @@ class RpcServer:
     """Serves ``handler(request, peer_identity) -> reply`` on a ROUTER socket.
 
     The handler runs on the serving thread, one request at a time; whatever it raises becomes
-    an `ErrorReply` and the thread goes on. ``peer_identity`` names one client connection (a
+    an `ErrorReply` and the thread goes on. A handler that returns a Future is answered when
+    the Future is done (slow work runs elsewhere; the serving thread only answers). ``peer_identity`` names one client connection (a
     client may use several), so key no long-lived state on it.
     """
 
@@ -61,6 +65,7 @@ class RpcServer:
         self._wake_tx.connect(wake_addr)
         self._wake_lock = threading.Lock()  # _wake_tx is used by any thread
         self._commands: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._late_replies: "queue.SimpleQueue" = queue.SimpleQueue()  # of deferred requests
         self._state_lock = threading.Lock()  # started / closed / direct socket use
         self._endpoints: List[str] = []
         self._stop = threading.Event()
@@ -199,6 +204,7 @@ class RpcServer:
                     continue  # POLL_MS passed: look at the stop flag
                 if frames[0] == _WAKE_ID:
                     self._run_commands()
+                    self._send_late_replies()
                     continue
                 reply = self._reply_frames(frames)
                 if reply is None:
@@ -227,6 +233,29 @@ class RpcServer:
                 box.append((False, exc))
             done.set()
 
+    def _send_late_replies(self) -> None:
+        while True:
+            try:
+                reply = self._late_replies.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                self._sock.send_multipart(reply, zmq.NOBLOCK)
+            except zmq.ZMQError as exc:
+                logger.warning("rpc server %s: reply dropped: %s", self._name, exc)
+
+    def _answer_later(self, peer: bytes, request_id: bytes,
+                      future: "concurrent.futures.Future[Message]") -> None:
+        """(Any thread.) Queue the reply of a deferred request for the serving thread."""
+        try:
+            reply = future.result()
+            if not isinstance(reply, Message):
+                raise TypeError(f"handler returned {type(reply).__name__}, not a Message")
+        except BaseException as exc:  # noqa: BLE001 - every failure becomes an ErrorReply
+            reply = _error_reply(self._name, exc)
+        self._late_replies.put([peer, request_id, self._encode(reply)])
+        self._wake()
+
     def _fail_pending_commands(self) -> None:
         while True:
             try:
@@ -247,30 +276,40 @@ class RpcServer:
                 message=f"malformed control request: {len(frames) - 1} parts, expected 2")
         else:
             reply = self._handle(frames[2], peer)
+            if isinstance(reply, concurrent.futures.Future):
+                reply.add_done_callback(
+                    lambda done: self._answer_later(peer, request_id, done))
+                return None
+        return [peer, request_id, self._encode(reply)]
+
+    def _encode(self, reply: Message) -> bytes:
         try:
-            payload = codec.encode(reply)
+            return codec.encode(reply)
         except Exception as exc:
             logger.exception("rpc server %s: cannot encode reply %r", self._name, reply)
-            payload = codec.encode(ErrorReply(status_code=int(LLMStatusCode.LLM_FAILED),
-                                              message=f"cannot encode reply: {exc!r}"))
-        return [peer, request_id, payload]
+            return codec.encode(ErrorReply(status_code=int(LLMStatusCode.LLM_FAILED),
+                                           message=f"cannot encode reply: {exc!r}"))
 
-    def _handle(self, payload: bytes, peer: bytes) -> Message:
+    def _handle(self, payload: bytes, peer: bytes):
         try:
             request = codec.decode(payload)
             reply = self._handler(request, peer)
-            if not isinstance(reply, Message):
+            if not isinstance(reply, (Message, concurrent.futures.Future)):
                 raise TypeError(f"handler returned {type(reply).__name__}, not a Message")
             return reply
-        except LLMException as exc:
-            code = exc.status_code
-            if code == LLMStatusCode.LLM_SUCCESS:  # a bare LLMException("...") still failed
-                code = LLMStatusCode.LLM_FAILED
-            logger.debug("rpc server %s: request failed: %s (%s)", self._name, exc, code)
-            return ErrorReply(status_code=int(code), message=str(exc))
         except Exception as exc:
-            logger.exception("rpc server %s: handler failed", self._name)
-            return ErrorReply(status_code=int(LLMStatusCode.LLM_FAILED), message=repr(exc))
+            return _error_reply(self._name, exc)
+
+
+def _error_reply(name: str, exc: BaseException) -> ErrorReply:
+    if isinstance(exc, LLMException):
+        code = exc.status_code
+        if code == LLMStatusCode.LLM_SUCCESS:  # a bare LLMException("...") still failed
+            code = LLMStatusCode.LLM_FAILED
+        logger.debug("rpc server %s: request failed: %s (%s)", name, exc, code)
+        return ErrorReply(status_code=int(code), message=str(exc))
+    logger.error("rpc server %s: handler failed: %r", name, exc, exc_info=exc)
+    return ErrorReply(status_code=int(LLMStatusCode.LLM_FAILED), message=repr(exc))
 
 
 # --------------------------------------------------------------- interpreter exit

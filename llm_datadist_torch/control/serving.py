@@ -3,8 +3,9 @@ handshake issued the session token it carries, whatever else it says; a request 
 known session gets `LLM_NOT_YET_LINK` and touches nothing."""
 from __future__ import annotations
 
+import concurrent.futures
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..status import LLMStatusCode, fail
 from .link import Link
@@ -15,6 +16,10 @@ from .owner import Responder
 # How long an invalidation waits for this side's transfers on the caches it names (the owner
 # waits a little longer for the answer: invalidation.py).
 INVALIDATE_WAIT_S = 4.0
+# Slow requests (staging copies with a device synchronize, a handshake that starts Mooncake)
+# run on a small pool, so the serving thread only answers; each link may have this many there.
+OFFLOAD_THREADS = 2
+MAX_OFFLOADED_PER_LINK = 2
 
 if TYPE_CHECKING:
     from .links import LinkManager
@@ -32,9 +37,17 @@ class Serving:
             Release: self._release, Unlink: self._unlink,
             MooncakeEndpoint: self._mooncake_endpoint,
         }
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            OFFLOAD_THREADS, thread_name_prefix="llm_datadist_torch-serve")
+        self._offloaded = {}  # link -> its requests on the pool
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def handle(self, request: Message, _peer_identity: bytes) -> Message:
         if isinstance(request, Hello):
+            if self._links.handshake.starts_mooncake(request):
+                return self._pool.submit(self._links.handshake.accept, request)
             return self._links.handshake.accept(request)
         if isinstance(request, Proof):
             return self._links.handshake.on_proof(self._link(request, proving=True), request)
@@ -45,7 +58,29 @@ class Serving:
         handler = self._handlers.get(type(request))
         if handler is None:
             fail(LLMStatusCode.LLM_PARAM_INVALID, "unexpected request %s", type(request).__name__)
-        return handler(self._link(request), request)
+        link = self._link(request)
+        if handler == self._stage:
+            return self._offload(link, lambda: self._stage(link, request))
+        return handler(link, request)
+
+    def _offload(self, link: Link, work: Callable[[], Message]) -> "concurrent.futures.Future":
+        """Run `work` on the pool; a link with `MAX_OFFLOADED_PER_LINK` requests there already
+        gets LLM_FAILED (no peer can queue up work for the others to wait behind)."""
+        with link.lock:
+            running = self._offloaded.get(link, 0)
+            if running >= MAX_OFFLOADED_PER_LINK:
+                fail(LLMStatusCode.LLM_FAILED, "cluster %d has %d requests running here already; "
+                     "wait for their answers", link.cluster_id, running)
+            self._offloaded[link] = running + 1
+
+        def done(_future) -> None:
+            with link.lock:
+                left = self._offloaded.pop(link) - 1
+                if left:
+                    self._offloaded[link] = left
+        future = self._pool.submit(work)
+        future.add_done_callback(done)
+        return future
 
     def _link(self, request, proving: bool = False) -> Link:
         link = self._links.by_session(request.session)
