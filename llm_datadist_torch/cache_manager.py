@@ -26,6 +26,8 @@ from .transfer_types import CacheTask, LayerSynchronizer, MemInfo
 
 logger = logging.getLogger(__name__)
 
+UNREGISTER_WAIT_S = 10.0
+
 PARAM = LLMStatusCode.LLM_PARAM_INVALID
 FAILED = LLMStatusCode.LLM_FAILED
 
@@ -137,6 +139,11 @@ class CacheManager:
             if entry is not None and entry.owned:
                 logger.warning("unregister_cache(%d) on an allocated cache frees it now", cache_id)
             engine.table.drop(cache_id)
+        # The caller frees its memory once we return: wait for copies still using it and for
+        # peers that may still read it (told by the invalidation, which holds it meanwhile).
+        if entry is not None and not engine.table.wait_unpinned(entry, UNREGISTER_WAIT_S):
+            logger.error("unregister_cache(%d): a transfer still uses the memory after %.0f s; "
+                         "do not free it until its peer is unlinked", cache_id, UNREGISTER_WAIT_S)
 
     # ---- pool allocation -------------------------------------------------------------------
     def allocate_cache(self, cache_desc: CacheDesc, cache_keys=()) -> Cache:

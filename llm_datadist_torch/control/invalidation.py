@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from typing import Callable, List
+from typing import Callable, Dict, List
 
 from ..core.engine import Engine
 from ..status import LLMException
@@ -39,26 +39,40 @@ class Invalidator:
 
     def _run(self) -> None:
         while True:
-            job = self._jobs.get()
-            if job is None:
+            jobs = [self._jobs.get()]
+            while not self._jobs.empty():  # what piled up meanwhile goes out in one batch
+                jobs.append(self._jobs.get_nowait())
+            stop = None in jobs
+            jobs = [job for job in jobs if job is not None]
+            by_link: Dict[Link, List[int]] = {}
+            for cache_id, links, _ in jobs:
+                for link in links:
+                    by_link.setdefault(link, []).append(cache_id)
+            for link, cache_ids in by_link.items():
+                self._tell(link, cache_ids)
+            for _, _, release in jobs:
+                release()
+            if stop:
                 return
-            cache_id, links, release = job
-            for link in links:
-                with link.lock:
-                    link.exported.discard(cache_id)
-                if link.rpc is not None and not link.broken:
-                    try:
-                        link.rpc.call(Invalidate(session=link.session, cache_ids=[cache_id]),
-                                      INVALIDATE_TIMEOUT_S)
-                    except LLMException as exc:
-                        logger.warning("could not tell cluster %d that cache %d is gone: %s",
-                                       link.cluster_id, cache_id, exc)
-            release()
+
+    def _tell(self, link: Link, cache_ids: List[int]) -> None:
+        """One notice per peer for every cache of the batch; answered once the peer's
+        transfers on them ended (or not at all by a dead peer: the memory goes anyway)."""
+        with link.lock:
+            link.exported.difference_update(cache_ids)
+        if link.rpc is None or link.broken:
+            return
+        try:
+            link.rpc.call(Invalidate(session=link.session, cache_ids=cache_ids),
+                          INVALIDATE_TIMEOUT_S)
+        except LLMException as exc:
+            logger.warning("could not tell cluster %d that caches %s are gone: %s",
+                           link.cluster_id, cache_ids, exc)
 
     def close(self) -> None:
         self._engine.table.on_forget = None
         self._jobs.put(None)
-        self._thread.join(timeout=10)
+        self._thread.join(timeout=INVALIDATE_TIMEOUT_S + 5)
         while not self._jobs.empty():  # jobs queued after the sentinel: free their memory
             job = self._jobs.get_nowait()
             if job is not None:

@@ -297,6 +297,12 @@ class CacheTable:
                 self._changed.notify_all()
         return release
 
+    def wait_unpinned(self, entry: CacheEntry, timeout_s: float) -> bool:
+        """Wait until no copy uses `entry` and no peer may still (its memory is let go);
+        False on timeout."""
+        with self.lock:
+            return self._changed.wait_for(lambda: entry.pins == 0, timeout_s)
+
     def wait_no_writers(self, entry: CacheEntry, timeout_s: float) -> bool:
         """Wait until no transfer is writing into `entry`; False on timeout."""
         with self.lock:

@@ -133,14 +133,7 @@ def move(engine: Engine, link: Link, cache_id: int, fence: Fence, regions, plan,
             if remaining <= 0:
                 fail(LLMStatusCode.LLM_TIMEOUT, "transfer with cluster %d exceeded %d ms",
                      link.cluster_id, engine.options.sync_kv_timeout_ms)
-            try:
-                moved += through(link, transport, items, pulling, deadline)
-            except LLMException as exc:
-                in_flight = getattr(exc, "in_flight", None)  # a copy abandoned while running
-                if in_flight is not None:
-                    link.broken = True  # spec §26.26: a timed-out link must be re-linked
-                    in_flight.add_done_callback(engine.table.hold([local]))
-                raise
+            moved += through(engine, link, transport, items, local, pulling, deadline)
         check_fence(link, cache_id, fence, deadline)
     return moved
 

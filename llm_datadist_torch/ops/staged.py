@@ -12,7 +12,7 @@ from ..core.cache_table import CacheEntry
 from ..core.engine import Engine
 from ..core.plan import Plan
 from ..memory.chunks import pack, split_segments
-from ..status import LLMStatusCode, fail
+from ..status import LLMException, LLMStatusCode, fail
 from ..transport.base import TransferItem, Transport
 
 
@@ -50,19 +50,30 @@ def staged_move(engine: Engine, link: Link, cache_id: int, fence: int, plan: Pla
             area = link.shm_allowed(area)
             items = [TransferItem(area, packed + k * chunk_bytes, local.raw[t], local_offsets[part],
                                   chunk_lengths) for k, t in enumerate(local_tensors)]
-            moved += through(link, link.transport_for(area), items, pulling, deadline)
+            moved += through(engine, link, link.transport_for(area), items, local, pulling,
+                             deadline)
             if not pulling:
                 link.call(StageWrite(**message), deadline - time.monotonic())
     return moved
 
 
-def through(link: Link, transport: Transport, items: Sequence[TransferItem], pulling: bool,
-            deadline: float) -> int:
+def through(engine: Engine, link: Link, transport: Transport, items: Sequence[TransferItem],
+            local: CacheEntry, pulling: bool, deadline: float) -> int:
     """One transport call, with local device memory the transport cannot reach (or, under the
-    staging test switch, any local memory of a cross-process link) bounced through host memory."""
+    staging test switch, any local memory of a cross-process link) bounced through host memory.
+
+    A copy the transport gave up on while it still runs (a Mooncake timeout) keeps `local`'s
+    memory until it ends, and breaks the link (spec §26.26: it must be linked again)."""
     remaining = deadline - time.monotonic()
     forced = link.force_staging and not link.peer.same_process
-    if forced or (not transport.moves_local_device_memory
-                  and any(item.local.device.type != "cpu" for item in items)):
-        return link.bounce.move(transport, items, pulling, deadline)
-    return transport.read(items, remaining) if pulling else transport.write(items, remaining)
+    try:
+        if forced or (not transport.moves_local_device_memory
+                      and any(item.local.device.type != "cpu" for item in items)):
+            return link.bounce.move(transport, items, pulling, deadline)
+        return transport.read(items, remaining) if pulling else transport.write(items, remaining)
+    except LLMException as exc:
+        in_flight = getattr(exc, "in_flight", None)
+        if in_flight is not None:
+            link.broken = True
+            in_flight.add_done_callback(engine.table.hold([local]))
+        raise
