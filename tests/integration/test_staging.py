@@ -17,6 +17,8 @@ pytestmark = pytest.mark.multiprocess
 OWNER, REQUESTER = 7301, 7302
 BLOCKS = [16, 4, 8, 64]  # 16 blocks of 4x8x64 fp32 = 8 KiB per block and tensor
 SLOTS = [4, 2048]
+BIG = [2, 1 << 18]  # 80 tensors with 1 MiB slots: 80 MiB per slot, more than the staging area
+BIG_TENSORS = 80
 
 
 def content(seed, shape):
@@ -47,6 +49,9 @@ def owner_main(conn, port):
         tensor.copy_(content(index, BLOCKS))
     for index, tensor in enumerate(slots.tensors):
         tensor.copy_(content(10 + index, SLOTS))
+    big = [content(100 + index, BIG) for index in range(BIG_TENSORS)]  # engine-owned tensors
+    manager.register_cache(CacheDesc(BIG_TENSORS, BIG, DataType.DT_FLOAT, Placement.DEVICE),
+                           [t.data_ptr() for t in big], [CacheKey(OWNER, 21)])
     conn.send("ready")
     while True:
         command = conn.recv()
@@ -116,6 +121,26 @@ def test_pulls_and_pushes_go_through_the_staging_area(owner, monkeypatch):
         assert ("req", 11, 0) in keys and ("req", 12, 0) not in keys
         with raises_llm(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST):
             manager.pull_cache(CacheKey(OWNER, 12), slots, 0)
+    finally:
+        datadist.finalize()
+
+
+def test_a_slot_larger_than_the_staging_area_is_pulled_in_chunks(owner, monkeypatch):
+    """80 tensors of 1 MiB slots (80 MiB, the area holds 64): the segments are split to fit,
+    chunk by chunk, byte-exact into the requester's own registered tensors."""
+    _, port = owner
+    monkeypatch.setenv("LLM_DATADIST_TORCH_STAGE_TRANSFERS", "1")
+    datadist = LLMDataDist(LLMRole.DECODER, REQUESTER)
+    datadist.init(options())
+    try:
+        link_to_owner(datadist, port)
+        mine = [torch.full([1, BIG[1]], -1.0) for _ in range(BIG_TENSORS)]
+        local = datadist.cache_manager.register_cache(
+            CacheDesc(BIG_TENSORS, [1, BIG[1]], DataType.DT_FLOAT, Placement.DEVICE),
+            [t.data_ptr() for t in mine])
+        datadist.cache_manager.pull_cache(CacheKey(OWNER, 21), local, 0)
+        for index, tensor in enumerate(mine):
+            assert torch.equal(tensor[0], content(100 + index, BIG)[0])
     finally:
         datadist.finalize()
 
