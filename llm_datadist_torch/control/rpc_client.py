@@ -21,6 +21,7 @@ from typing import Deque, List
 
 import zmq
 
+from .. import faults
 from ..status import LLMException, LLMStatusCode, code_2_status
 from . import codec
 from .host import zmq_context
@@ -76,6 +77,9 @@ class RpcClient:
         payload = codec.encode(request)
         if not timeout_s > 0:  # a deadline already spent: send nothing the caller won't wait for
             raise self._timeout(timeout_s, "no time left to send", sent=False)
+        if not faults.before_request(type(request).__name__):
+            time.sleep(timeout_s)  # a lost message: nobody answers until the deadline
+            raise self._timeout(timeout_s, "no reply (message dropped: fault injected)")
         deadline = time.monotonic() + timeout_s
         request_id = _ID.pack(next(self._ids))
         sock = self._checkout(deadline, timeout_s)
