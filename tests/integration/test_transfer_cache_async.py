@@ -142,7 +142,10 @@ def test_addresses_outside_the_destination_caches_are_refused(pair, shift):
     dst.check(pair.d, "far_dst")
 
 
-def test_one_task_two_decoders_and_an_unlinked_cluster(harness):
+def _two_decoders_and_a_stranger(harness, stranger_first: bool):
+    """One task to two linked decoders (layers 0-1 of slot 0, layers 2-3 into slot 1) and to an
+    unlinked cluster, listed last (layer 3) or first (layer 0); returns the task's outcome after
+    checking every byte the decoders got."""
     pair = start_pair(harness)
     other = harness.spawn(agent, name="decoder2")
     oid = new_cluster_id()
@@ -153,13 +156,10 @@ def test_one_task_two_decoders_and_an_unlinked_cluster(harness):
     other.call("allocate", "multi_dst", 4, D_C_SHAPE, seed=94)
     first = pair.d.call("addresses", "multi_dst")
     second = [addr + SLOT for addr in other.call("addresses", "multi_dst")]
-    stranger = new_cluster_id()
-    configs = [("addrs", pair.did, first, (0, 2), 0), ("addrs", oid, second, (2, 4), 1),
-               ("addrs", stranger, first[:2], (3, 4), 0)]
+    linked = [("addrs", pair.did, first, (0, 2), 0), ("addrs", oid, second, (2, 4), 1)]
+    stranger = ("addrs", new_cluster_id(), first[:2], (0, 1) if stranger_first else (3, 4), 0)
+    configs = [stranger, *linked] if stranger_first else [*linked, stranger]
     out = pair.p.call("transfer_layers", "multi_src", configs, seed=92)
-    not_linked = int(LLMStatusCode.LLM_NOT_YET_LINK)
-    assert out["results"] == [OK, OK, not_linked] and out["final"] == not_linked, out
-    assert out["asked"] == [0, 1, 2, 3]
     src = written(92, 8, C_SHAPE)
     one, two = Model(93, 4, D_C_SHAPE), Model(94, 4, D_C_SHAPE)
     for k in range(4):
@@ -170,35 +170,21 @@ def test_one_task_two_decoders_and_an_unlinked_cluster(harness):
     other.call("unlink", pair.pid, pair.port)
     other.finish()
     stop_pair(pair)
+    return out
+
+
+def test_one_task_two_decoders_and_an_unlinked_cluster(harness):
+    out = _two_decoders_and_a_stranger(harness, stranger_first=False)
+    not_linked = int(LLMStatusCode.LLM_NOT_YET_LINK)
+    assert out["results"] == [OK, OK, not_linked] and out["final"] == not_linked, out
+    assert out["asked"] == [0, 1, 2, 3]
 
 
 def test_a_failing_first_destination_does_not_stop_the_others(harness):
     """The unlinked cluster comes first and wants layer 0: it fails at once, and the two linked
-    decoders still get every layer they asked for."""
-    pair = start_pair(harness)
-    other = harness.spawn(agent, name="decoder2")
-    oid = new_cluster_id()
-    other.call("init", oid, "DECODER")
-    assert other.call("link", pair.pid, pair.port)["overall"] == 0
-    pair.p.call("allocate", "first_src", 8, C_SHAPE, seed=95)
-    pair.d.call("allocate", "first_dst", 4, D_C_SHAPE, seed=96)
-    other.call("allocate", "first_dst", 4, D_C_SHAPE, seed=97)
-    first = pair.d.call("addresses", "first_dst")
-    second = [addr + SLOT for addr in other.call("addresses", "first_dst")]
-    configs = [("addrs", new_cluster_id(), first[:2], (0, 1), 0),
-               ("addrs", pair.did, first, (0, 2), 0), ("addrs", oid, second, (2, 4), 1)]
-    out = pair.p.call("transfer_layers", "first_src", configs, seed=98)
+    decoders still get every layer they asked for (checked inside the helper)."""
+    out = _two_decoders_and_a_stranger(harness, stranger_first=True)
     assert out["results"] == [int(LLMStatusCode.LLM_NOT_YET_LINK), OK, OK], out
-    src = written(98, 8, C_SHAPE)
-    one, two = Model(96, 4, D_C_SHAPE), Model(97, 4, D_C_SHAPE)
-    for k in range(4):
-        one.t[k][0] = src.t[k][0]
-        two.t[k][1] = src.t[4 + k][1]
-    one.check(pair.d, "first_dst")
-    two.check(other, "first_dst")
-    other.call("unlink", pair.pid, pair.port)
-    other.finish()
-    stop_pair(pair)
 
 
 def test_dead_decoder_ends_in_an_error_not_a_hang(harness):
