@@ -15,6 +15,7 @@
 #include "errors.h"
 #include "registry.h"
 #include "segment_copy.h"
+#include "segments.h"
 
 namespace py = pybind11;
 
@@ -22,14 +23,7 @@ namespace llm_datadist_torch {
 
 namespace {
 
-struct SegmentArgs {
-  const int64_t* a;
-  const int64_t* b;
-  const int64_t* lengths;
-  size_t n;
-};
-
-void check_index_tensor(const at::Tensor& t, const char* name) {
+void check_index_tensor(const at::Tensor& t, const std::string& name) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, " must be an int64 tensor, got ",
                    t.scalar_type());
   TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
@@ -37,21 +31,68 @@ void check_index_tensor(const at::Tensor& t, const char* name) {
                     " must be a 1-D contiguous tensor, got shape ", t.sizes());
 }
 
-// Validates two address tensors and a lengths tensor of one length, lengths >= 0.
-SegmentArgs segment_args(const at::Tensor& a, const char* a_name, const at::Tensor& b,
-                         const char* b_name, const at::Tensor& lengths) {
-  check_index_tensor(a, a_name);
-  check_index_tensor(b, b_name);
-  check_index_tensor(lengths, "lengths");
-  TORCH_CHECK_VALUE(a.numel() == b.numel() && a.numel() == lengths.numel(), a_name, ", ", b_name,
-                    " and lengths must have the same length, got ", a.numel(), ", ", b.numel(),
-                    " and ", lengths.numel());
-  const int64_t* len = lengths.data_ptr<int64_t>();
-  const size_t n = static_cast<size_t>(lengths.numel());
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK_VALUE(len[i] >= 0, "lengths[", i, "] is negative: ", len[i]);
+void check_region_table(const at::Tensor& t, const std::string& name) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, name, " must be an int64 tensor, got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.dim() == 2 && t.size(1) == 2 && t.is_contiguous(), name,
+                    " must be a contiguous [R, 2] tensor of (base address, size), got shape ",
+                    t.sizes());
+}
+
+// The tensors of one side, checked for type and shape (their values are resolve_segments'),
+// as pointers that stay valid while the caller's arguments hold the tensors.
+SegmentSide side_arg(const char* name, const char* prefix, const at::Tensor& regions,
+                     const at::Tensor& index, const at::Tensor& offsets,
+                     const at::Tensor& lengths) {
+  const std::string p(prefix);
+  check_region_table(regions, p + "_regions");
+  check_index_tensor(index, p + "_index");
+  check_index_tensor(offsets, p + "_offsets");
+  TORCH_CHECK_VALUE(index.numel() == lengths.numel() && offsets.numel() == lengths.numel(), p,
+                    "_index, ", p, "_offsets and lengths must have the same length, got ",
+                    index.numel(), ", ", offsets.numel(), " and ", lengths.numel());
+  return {name, regions.data_ptr<int64_t>(), static_cast<size_t>(regions.size(0)),
+          index.data_ptr<int64_t>(), offsets.data_ptr<int64_t>()};
+}
+
+// Both sides of a batch, as handed over from Python: (regions, index, offsets) per side.
+struct Batch {
+  SegmentSide a;
+  SegmentSide b;
+  const int64_t* lengths;
+  size_t n;
+
+  // The checked, resolved segments (GIL not needed); sets *total to their bytes.
+  std::vector<Segment> resolve(int64_t* total) const {
+    return resolve_segments(a, b, lengths, n, total);
   }
-  return {a.data_ptr<int64_t>(), b.data_ptr<int64_t>(), len, n};
+};
+
+Batch batch_args(const char* a_name, const char* a_prefix, const at::Tensor& a_regions,
+                 const at::Tensor& a_index, const at::Tensor& a_offsets, const char* b_name,
+                 const char* b_prefix, const at::Tensor& b_regions, const at::Tensor& b_index,
+                 const at::Tensor& b_offsets, const at::Tensor& lengths) {
+  check_index_tensor(lengths, "lengths");
+  return {side_arg(a_name, a_prefix, a_regions, a_index, a_offsets, lengths),
+          side_arg(b_name, b_prefix, b_regions, b_index, b_offsets, lengths),
+          lengths.data_ptr<int64_t>(), static_cast<size_t>(lengths.numel())};
+}
+
+Batch copy_args(const at::Tensor& src_regions, const at::Tensor& src_index,
+                const at::Tensor& src_offsets, const at::Tensor& dst_regions,
+                const at::Tensor& dst_index, const at::Tensor& dst_offsets,
+                const at::Tensor& lengths) {
+  return batch_args("source", "src", src_regions, src_index, src_offsets, "destination", "dst",
+                    dst_regions, dst_index, dst_offsets, lengths);
+}
+
+Batch cma_args(const at::Tensor& local_regions, const at::Tensor& local_index,
+               const at::Tensor& local_offsets, const at::Tensor& remote_regions,
+               const at::Tensor& remote_index, const at::Tensor& remote_offsets,
+               const at::Tensor& lengths) {
+  return batch_args("local", "local", local_regions, local_index, local_offsets, "remote",
+                    "remote", remote_regions, remote_index, remote_offsets, lengths);
 }
 
 at::Tensor tensor_from_address(uint64_t addr, const std::vector<int64_t>& shape,
@@ -87,13 +128,20 @@ void check_max_threads(int64_t max_threads) {
                     max_threads);
 }
 
-void cma(int64_t pid, const at::Tensor& local, const at::Tensor& remote, const at::Tensor& lengths,
-         bool to_remote, int64_t max_threads) {
+int64_t cma(int64_t pid, const Batch& batch, bool to_remote, int64_t max_threads) {
   check_max_threads(max_threads);
-  const SegmentArgs s = segment_args(local, "local_addrs", remote, "remote_addrs", lengths);
   py::gil_scoped_release no_gil;
-  cma_transfer(pid, s.a, s.b, s.lengths, s.n, to_remote, static_cast<int>(max_threads));
+  int64_t total = 0;
+  std::vector<Segment> segments = batch.resolve(&total);
+  // Ascending remote addresses read faster, like ascending sources in copy_segments.
+  if (segments.size() > kSortMinSegments) sort_segments(segments, kRemote);
+  cma_transfer(pid, segments.data(), segments.size(), total, to_remote,
+               static_cast<int>(max_threads));
+  return total;
 }
+
+// llm_datadist_torch._C.SegmentRangeError, created at import; lives as long as the process.
+PyObject* segment_range_error = nullptr;
 
 }  // namespace
 
@@ -101,13 +149,28 @@ void cma(int64_t pid, const at::Tensor& local, const at::Tensor& remote, const a
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace llm_datadist_torch;
-  m.doc() = "Native helpers of llm_datadist_torch: registry, views, segment copies, CMA.";
+  m.doc() = "Native helpers of llm_datadist_torch: registry, views, checked segment copies, CMA.";
 
   // Module-local translators: pybind11's global list is shared with torch._C.
   py::register_local_exception<RegistryError>(m, "RegistryError", PyExc_ValueError);
+  segment_range_error = PyErr_NewExceptionWithDoc(
+      "llm_datadist_torch._C.SegmentRangeError",
+      "A segment outside its region (or a malformed region), refused before any byte moved.\n"
+      "Attributes: side ('source', 'destination', 'local', 'remote' or 'length'), segment\n"
+      "(its position as passed, -1 for a bad region) and region (row of that side's table,\n"
+      "-1 if none).",
+      PyExc_ValueError, nullptr);
+  if (segment_range_error == nullptr) throw py::error_already_set();
+  m.attr("SegmentRangeError") = py::handle(segment_range_error);
   py::register_local_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
+    } catch (const SegmentRangeError& e) {
+      py::object err = py::handle(segment_range_error)(e.what());
+      err.attr("side") = e.side();
+      err.attr("segment") = e.segment();
+      err.attr("region") = e.region();
+      PyErr_SetObject(segment_range_error, err.ptr());
     } catch (const SysError& e) {
       // OSError(errno, text) builds the errno's subclass (PermissionError, ProcessLookupError).
       py::object err = py::reinterpret_steal<py::object>(
@@ -141,27 +204,82 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("is_mapped_rw", &is_mapped_rw, py::arg("addr"), py::arg("nbytes"));
   m.def("tensor_from_address", &tensor_from_address, py::arg("addr"), py::arg("shape"),
         py::arg("dtype"), py::arg("device"));
+  // Every native copy takes segments as (region table, region index, offset) per side and
+  // checks them all (resolve_segments) before a byte moves: SegmentRangeError otherwise.
   m.def(
       "copy_segments",
-      [](const at::Tensor& src, const at::Tensor& dst, const at::Tensor& lengths,
-         int64_t max_threads) {
+      [](const at::Tensor& src_regions, const at::Tensor& src_index, const at::Tensor& src_offsets,
+         const at::Tensor& dst_regions, const at::Tensor& dst_index, const at::Tensor& dst_offsets,
+         const at::Tensor& lengths, int64_t max_threads, bool sort) {
         check_max_threads(max_threads);
-        const SegmentArgs s = segment_args(src, "src_addrs", dst, "dst_addrs", lengths);
+        const Batch batch = copy_args(src_regions, src_index, src_offsets, dst_regions, dst_index,
+                                      dst_offsets, lengths);
         py::gil_scoped_release no_gil;
-        copy_segments(s.a, s.b, s.lengths, s.n, static_cast<int>(max_threads));
+        int64_t total = 0;
+        std::vector<Segment> segments = batch.resolve(&total);
+        if (sort && segments.size() > kSortMinSegments) sort_segments(segments, 0);
+        copy_segments(segments.data(), segments.size(), total, static_cast<int>(max_threads));
+        return total;
       },
-      py::arg("src_addrs"), py::arg("dst_addrs"), py::arg("lengths"), py::arg("max_threads") = 2);
+      py::arg("src_regions"), py::arg("src_index"), py::arg("src_offsets"),
+      py::arg("dst_regions"), py::arg("dst_index"), py::arg("dst_offsets"), py::arg("lengths"),
+      py::arg("max_threads") = 2, py::arg("sort") = true);
   m.def(
-      "cma_read",
-      [](int64_t pid, const at::Tensor& local, const at::Tensor& remote, const at::Tensor& lengths,
-         int64_t max_threads) { cma(pid, local, remote, lengths, false, max_threads); },
-      py::arg("pid"), py::arg("local_addrs"), py::arg("remote_addrs"), py::arg("lengths"),
-      py::arg("max_threads") = 2);
+      "check_segments",
+      [](const at::Tensor& src_regions, const at::Tensor& src_index, const at::Tensor& src_offsets,
+         const at::Tensor& dst_regions, const at::Tensor& dst_index, const at::Tensor& dst_offsets,
+         const at::Tensor& lengths) {
+        const Batch batch = copy_args(src_regions, src_index, src_offsets, dst_regions, dst_index,
+                                      dst_offsets, lengths);
+        py::gil_scoped_release no_gil;
+        int64_t total = 0;
+        batch.resolve(&total);
+        return total;
+      },
+      py::arg("src_regions"), py::arg("src_index"), py::arg("src_offsets"),
+      py::arg("dst_regions"), py::arg("dst_index"), py::arg("dst_offsets"), py::arg("lengths"));
   m.def(
-      "cma_write",
-      [](int64_t pid, const at::Tensor& local, const at::Tensor& remote, const at::Tensor& lengths,
-         int64_t max_threads) { cma(pid, local, remote, lengths, true, max_threads); },
-      py::arg("pid"), py::arg("local_addrs"), py::arg("remote_addrs"), py::arg("lengths"),
-      py::arg("max_threads") = 2);
+      "resolve_segments",
+      [](const at::Tensor& local_regions, const at::Tensor& local_index,
+         const at::Tensor& local_offsets, const at::Tensor& remote_regions,
+         const at::Tensor& remote_index, const at::Tensor& remote_offsets,
+         const at::Tensor& lengths) {
+        const Batch batch = cma_args(local_regions, local_index, local_offsets, remote_regions,
+                                     remote_index, remote_offsets, lengths);
+        const int64_t n = static_cast<int64_t>(batch.n);
+        at::Tensor local = at::empty({n}, at::kLong);
+        at::Tensor remote = at::empty({n}, at::kLong);
+        {
+          py::gil_scoped_release no_gil;
+          int64_t total = 0;
+          const std::vector<Segment> segments = batch.resolve(&total);
+          int64_t* l = local.data_ptr<int64_t>();
+          int64_t* r = remote.data_ptr<int64_t>();
+          for (int64_t i = 0; i < n; ++i) {
+            l[i] = static_cast<int64_t>(segments[i].addr[kLocal]);
+            r[i] = static_cast<int64_t>(segments[i].addr[kRemote]);
+          }
+        }
+        return std::make_tuple(local, remote);
+      },
+      py::arg("local_regions"), py::arg("local_index"), py::arg("local_offsets"),
+      py::arg("remote_regions"), py::arg("remote_index"), py::arg("remote_offsets"),
+      py::arg("lengths"));
+  for (const bool to_remote : {false, true}) {
+    m.def(
+        to_remote ? "cma_write" : "cma_read",
+        [to_remote](int64_t pid, const at::Tensor& local_regions, const at::Tensor& local_index,
+                    const at::Tensor& local_offsets, const at::Tensor& remote_regions,
+                    const at::Tensor& remote_index, const at::Tensor& remote_offsets,
+                    const at::Tensor& lengths, int64_t max_threads) {
+          return cma(pid,
+                     cma_args(local_regions, local_index, local_offsets, remote_regions,
+                              remote_index, remote_offsets, lengths),
+                     to_remote, max_threads);
+        },
+        py::arg("pid"), py::arg("local_regions"), py::arg("local_index"),
+        py::arg("local_offsets"), py::arg("remote_regions"), py::arg("remote_index"),
+        py::arg("remote_offsets"), py::arg("lengths"), py::arg("max_threads") = 2);
+  }
   m.def("allow_ptrace_from", &allow_ptrace_from, py::arg("pid"));
 }

@@ -30,9 +30,7 @@ const char* syscall_name(bool to_remote) {
 
 struct Batch {
   int64_t pid;
-  const int64_t* local;
-  const int64_t* remote;
-  const int64_t* lengths;
+  const Segment* segments;
   size_t n;
   bool to_remote;
 };
@@ -40,7 +38,7 @@ struct Batch {
 // Moves the bytes from `from` up to `to` (exclusive) in as few syscalls as the kernel allows.
 void transfer_range(const Batch& b, Cursor from, Cursor to) {
   const auto in_range = [&](size_t i) { return i < b.n && i <= to.seg; };
-  const auto end_of = [&](size_t i) { return i == to.seg ? to.offset : b.lengths[i]; };
+  const auto end_of = [&](size_t i) { return i == to.seg ? to.offset : b.segments[i].length; };
   iovec liov[kMaxIov];
   iovec riov[kMaxIov];
   // (seg, offset) is the first byte not yet copied. Each syscall takes up to kMaxIov segments
@@ -59,8 +57,8 @@ void transfer_range(const Batch& b, Cursor from, Cursor to) {
       const int64_t skip = i == seg ? offset : 0;
       if (end_of(i) == skip) continue;
       const size_t len = static_cast<size_t>(end_of(i) - skip);
-      liov[count] = {reinterpret_cast<void*>(b.local[i] + skip), len};
-      riov[count] = {reinterpret_cast<void*>(b.remote[i] + skip), len};
+      liov[count] = {reinterpret_cast<void*>(b.segments[i].addr[kLocal] + skip), len};
+      riov[count] = {reinterpret_cast<void*>(b.segments[i].addr[kRemote] + skip), len};
       ++count;
     }
     const ssize_t done = b.to_remote ? process_vm_writev(b.pid, liov, count, riov, count, 0)
@@ -86,15 +84,15 @@ void transfer_range(const Batch& b, Cursor from, Cursor to) {
 
 }  // namespace
 
-void cma_transfer(int64_t pid, const int64_t* local, const int64_t* remote,
-                  const int64_t* lengths, size_t n, bool to_remote, int max_threads) {
+void cma_transfer(int64_t pid, const Segment* segments, size_t n, int64_t total, bool to_remote,
+                  int max_threads) {
   // pid_t is 32-bit: a larger value must not wrap onto some other process.
   if (pid <= 0 || pid > std::numeric_limits<pid_t>::max()) {
     throw_errno(ESRCH, syscall_name(to_remote), pid);
   }
   // Each share gets its own syscalls: the kernel copies on the calling thread's core.
-  const Batch b{pid, local, remote, lengths, n, to_remote};
-  for_each_share(lengths, n, max_threads,
+  const Batch b{pid, segments, n, to_remote};
+  for_each_share(segments, n, total, max_threads,
                  [&](Cursor from, Cursor to) { transfer_range(b, from, to); });
 }
 

@@ -3,6 +3,7 @@
 
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace llm_datadist_torch {
 
@@ -21,6 +22,26 @@ class SysError : public std::runtime_error {
 
  private:
   int err_;
+};
+
+// A segment reaches outside its region, names a region that does not exist, has a negative
+// length or offset, or a region itself is malformed (negative size, wraps past 2^64). Thrown
+// before any byte moves; surfaces as SegmentRangeError (a ValueError) carrying `side` ("source",
+// "destination", "local", "remote", or "length"), `segment` (position in the batch as passed,
+// -1 for a region-level fault) and `region` (row of that side's region table, -1 if none).
+class SegmentRangeError : public std::invalid_argument {
+ public:
+  SegmentRangeError(const std::string& what, std::string side, long long segment,
+                    long long region)
+      : std::invalid_argument(what), side_(std::move(side)), segment_(segment), region_(region) {}
+  const std::string& side() const noexcept { return side_; }
+  long long segment() const noexcept { return segment_; }
+  long long region() const noexcept { return region_; }
+
+ private:
+  std::string side_;
+  long long segment_;
+  long long region_;
 };
 
 // "0x..." for messages.

@@ -14,13 +14,6 @@ namespace llm_datadist_torch {
 
 namespace {
 
-struct Segments {
-  const int64_t* src;
-  const int64_t* dst;
-  const int64_t* lengths;
-  size_t n;
-};
-
 using CopyFn = void (*)(char* dst, const char* src, size_t n);
 
 void plain_copy(char* dst, const char* src, size_t n) { std::memcpy(dst, src, n); }
@@ -58,13 +51,13 @@ CopyFn copy_fn_for(int64_t total) {
   return plain_copy;
 }
 
-void copy_range(const Segments& s, CopyFn copy, Cursor from, Cursor to) {
-  for (size_t i = from.seg; i <= to.seg && i < s.n; ++i) {
+void copy_range(const Segment* s, size_t n, CopyFn copy, Cursor from, Cursor to) {
+  for (size_t i = from.seg; i <= to.seg && i < n; ++i) {
     const int64_t begin = i == from.seg ? from.offset : 0;
-    const int64_t end = i == to.seg ? to.offset : s.lengths[i];
+    const int64_t end = i == to.seg ? to.offset : s[i].length;
     if (end > begin) {
-      copy(reinterpret_cast<char*>(s.dst[i] + begin),
-           reinterpret_cast<const char*>(s.src[i] + begin), end - begin);
+      copy(reinterpret_cast<char*>(s[i].addr[1] + begin),
+           reinterpret_cast<const char*>(s[i].addr[0] + begin), end - begin);
     }
   }
 #if defined(__x86_64__)
@@ -73,7 +66,7 @@ void copy_range(const Segments& s, CopyFn copy, Cursor from, Cursor to) {
 }
 
 // Cut points splitting `total` bytes into `parts` nearly equal shares.
-std::vector<Cursor> split(const int64_t* lengths, size_t n, int64_t total, int parts) {
+std::vector<Cursor> split(const Segment* s, size_t n, int64_t total, int parts) {
   std::vector<Cursor> cuts;
   cuts.reserve(parts + 1);
   cuts.push_back({0, 0});
@@ -81,31 +74,24 @@ std::vector<Cursor> split(const int64_t* lengths, size_t n, int64_t total, int p
   int64_t seg_start = 0;  // bytes before segment `seg`
   for (int p = 1; p < parts; ++p) {
     const int64_t target = total / parts * p;
-    while (seg < n && seg_start + lengths[seg] <= target) seg_start += lengths[seg++];
+    while (seg < n && seg_start + s[seg].length <= target) seg_start += s[seg++].length;
     cuts.push_back({seg, target - seg_start});
   }
   cuts.push_back({n, 0});
   return cuts;
 }
 
-int64_t total_bytes(const int64_t* lengths, size_t n) {
-  int64_t total = 0;
-  for (size_t i = 0; i < n; ++i) total += lengths[i];
-  return total;
-}
-
 }  // namespace
 
-void for_each_share(const int64_t* lengths, size_t n, int max_threads,
+void for_each_share(const Segment* segments, size_t n, int64_t total, int max_threads,
                     const std::function<void(Cursor from, Cursor to)>& work) {
-  const int64_t total = total_bytes(lengths, n);
   const int parts = static_cast<int>(
       std::max<int64_t>(1, std::min<int64_t>(max_threads, total / kMinBytesPerThread)));
   if (parts == 1) {
     work({0, 0}, {n, 0});
     return;
   }
-  const std::vector<Cursor> cuts = split(lengths, n, total, parts);
+  const std::vector<Cursor> cuts = split(segments, n, total, parts);
   // A share that throws must not leave the others running on memory the caller may release.
   std::vector<std::exception_ptr> errors(parts);
   const auto run = [&](int p) {
@@ -131,12 +117,10 @@ void for_each_share(const int64_t* lengths, size_t n, int max_threads,
   }
 }
 
-void copy_segments(const int64_t* src, const int64_t* dst, const int64_t* lengths, size_t n,
-                   int max_threads) {
-  const Segments s{src, dst, lengths, n};
-  const CopyFn copy = copy_fn_for(total_bytes(lengths, n));
-  for_each_share(lengths, n, max_threads,
-                 [&](Cursor from, Cursor to) { copy_range(s, copy, from, to); });
+void copy_segments(const Segment* segments, size_t n, int64_t total, int max_threads) {
+  const CopyFn copy = copy_fn_for(total);
+  for_each_share(segments, n, total, max_threads,
+                 [&](Cursor from, Cursor to) { copy_range(segments, n, copy, from, to); });
 }
 
 }  // namespace llm_datadist_torch

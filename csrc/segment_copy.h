@@ -1,10 +1,12 @@
 // Batched memcpy between host addresses, and the split of a segment list over a few threads
-// that it shares with the CMA copies.
+// that it shares with the CMA copies. Both take segments resolve_segments has checked.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <functional>
+
+#include "segments.h"
 
 namespace llm_datadist_torch {
 
@@ -28,14 +30,14 @@ struct Cursor {
 // Splits the n segments into shares of nearly equal bytes, at most `max_threads` of them and
 // none under kMinBytesPerThread (a segment larger than a share is split too), and runs
 // work(from, to) for each: the first share on the calling thread, the others on threads of their
-// own. Returns once every share is done, then rethrows the exception of the first share that
-// failed, if any.
-void for_each_share(const int64_t* lengths, size_t n, int max_threads,
+// own. `total` is the sum of the lengths. Returns once every share is done, then rethrows the
+// exception of the first share that failed, if any.
+void for_each_share(const Segment* segments, size_t n, int64_t total, int max_threads,
                     const std::function<void(Cursor from, Cursor to)>& work);
 
-// Copies lengths[i] bytes from src[i] to dst[i] for i < n. Lengths must be >= 0 and the
-// addresses valid; the caller (registry checks) guarantees both.
-void copy_segments(const int64_t* src, const int64_t* dst, const int64_t* lengths, size_t n,
-                   int max_threads);
+// Copies segments[i].length bytes from addr[0] (source) to addr[1] (destination) for i < n, in
+// the order given; `total` is the sum of the lengths. The segments come from resolve_segments,
+// which proved every range inside its region.
+void copy_segments(const Segment* segments, size_t n, int64_t total, int max_threads);
 
 }  // namespace llm_datadist_torch

@@ -1,16 +1,20 @@
 """Execute byte-segment copies between raw cache tensors.
 
 Every local or remote operation is reduced, in Python and vectorised, to batches of
-`(src_offset, dst_offset, length)` byte segments between pairs of 1-D uint8 tensors. This module
-checks the bounds of every segment (a bad offset must never reach memcpy) and then moves the
-bytes: all-CPU work is one call into the C++ extension (GIL released, two threads when it
-pays); anything touching an accelerator uses gathered torch copies on the device.
+`(src_offset, dst_offset, length)` byte segments between pairs of 1-D uint8 tensors. Bounds are
+checked in one place only, natively, in unsigned 64-bit arithmetic that cannot wrap: every
+native copy takes region tables (`region_table`) and per-segment (region index, offset) pairs,
+and refuses a segment outside its region before any byte moves (`_C.SegmentRangeError`, raised
+here as `LLM_PARAM_INVALID`). All-CPU work is then one native call (GIL released, segments
+sorted by source address, two threads when it pays); anything touching an accelerator is
+checked by the same native rule (`_C.check_segments`) and copied with gathered torch copies on
+the device.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import List, Sequence
+from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -19,8 +23,11 @@ from .native import _C
 from ..status import LLMStatusCode, fail
 
 COPY_THREADS = max(1, int(os.environ.get("LLM_DATADIST_TORCH_COPY_THREADS", "2")))
-SORT_MIN_SEGMENTS = 64
 _WIDE_DTYPES = ((8, torch.int64), (4, torch.int32), (2, torch.int16))
+_U64 = 1 << 64
+_I64 = 1 << 63
+
+SegmentRangeError = _C.SegmentRangeError
 
 
 @dataclasses.dataclass
@@ -40,63 +47,116 @@ class SegmentBatch:
         lengths = torch.full_like(src_offsets, length)
         return cls(src, dst, src_offsets, dst_offsets, lengths)
 
-    def check_bounds(self) -> None:
-        if self.lengths.numel() == 0:
-            return
-        for name, offsets, tensor in (("source", self.src_offsets, self.src),
-                                      ("destination", self.dst_offsets, self.dst)):
-            ends = offsets + self.lengths
-            if bool((offsets < 0).any()) or bool((ends > tensor.numel()).any()) \
-                    or bool((self.lengths < 0).any()):
-                fail(LLMStatusCode.LLM_PARAM_INVALID,
-                     "%s segment outside its cache tensor of %d bytes", name, tensor.numel())
+
+def region_table(regions: Sequence[Tuple[int, int]],
+                 where: Optional[Callable[[int], str]] = None) -> torch.Tensor:
+    """`[R, 2]` int64 tensor of (base address, size in bytes) rows for the native copies.
+
+    Values are not judged here (the native check refuses negative sizes and regions whose end
+    wraps); an address of 2**63 or more keeps its 64-bit pattern, and a value that does not fit
+    in 64 bits at all is `LLM_PARAM_INVALID` (`where(i)` describes row i in that message).
+    """
+    try:  # numpy: a few times cheaper than torch.tensor on a short list
+        return torch.from_numpy(np.array(regions, dtype=np.int64).reshape(-1, 2))
+    except OverflowError:  # a value outside int64
+        pass
+    rows = []
+    for index, row in enumerate(regions):
+        for value in row:
+            if not -_I64 <= value < _U64:
+                fail(LLMStatusCode.LLM_PARAM_INVALID, "region %d: %d does not fit in 64 bits%s",
+                     index, value, " (%s)" % where(index) if where is not None else "")
+        rows.append([value - _U64 if value >= _I64 else value for value in row])
+    return torch.from_numpy(np.array(rows, dtype=np.int64).reshape(-1, 2))
 
 
-def copy_batches(batches: Sequence[SegmentBatch], ordered: bool = False) -> int:
+def item_index(counts: Sequence[int]) -> torch.Tensor:
+    """Per segment, the number of its group: `counts[i]` segments of group i, in order."""
+    if len(counts) == 1:
+        return torch.zeros(counts[0], dtype=torch.int64)
+    # numpy, not repeat_interleave: that is a parallel torch kernel, whose idle OpenMP worker
+    # then spins for milliseconds on the core the copy threads need next.
+    return torch.from_numpy(np.repeat(np.arange(len(counts), dtype=np.int64),
+                                      np.asarray(counts, dtype=np.int64)))
+
+
+def refuse(exc: "SegmentRangeError", counts: Sequence[int], what: str,
+           number: Callable[[int], int] = int,
+           where: Optional[Callable[[int], str]] = None,
+           sides: Optional[Dict[str, str]] = None) -> NoReturn:
+    """Raise the native range error as `LLMException(LLM_PARAM_INVALID)`.
+
+    Segments reach the native call concatenated from groups (batches, transfer items) of
+    `counts[i]` segments each, group i being row i of each side's region table. The message
+    adds the group (`what` and `number(i)`), the segment's position in it, what the native
+    side is to the caller (`sides`, e.g. {"source": "remote"}), and `where(i)`.
+    """
+    group = exc.region
+    context = ""
+    if exc.segment >= 0:
+        group = int(np.searchsorted(np.cumsum(counts), exc.segment, side="right"))
+        context = "'s segment %d" % (exc.segment - sum(counts[:group]))
+    context = "%s %d%s" % (what, number(group), context)
+    if sides and exc.side in sides:
+        context += ", %s side" % sides[exc.side]
+    if where is not None:
+        context += "; " + where(group)
+    fail(LLMStatusCode.LLM_PARAM_INVALID, "%s (%s)", exc, context)
+
+
+def copy_batches(batches: Sequence[SegmentBatch], ordered: bool = False,
+                 where: Optional[Callable[[int], str]] = None) -> int:
     """Copy every batch; returns the bytes moved.
 
     `ordered=True` keeps the exact sequential semantics when segments depend on each other
     (a destination that is also a source, or written twice): one thread, in list order.
+    Otherwise segments are copied sorted by source address: reading memory in ascending order
+    lets the hardware prefetch, worth about a third more bandwidth for scattered 16 KiB blocks.
+    A segment outside its tensor is `LLM_PARAM_INVALID` and nothing is copied; `where(i)`
+    adds context about batch i to that message.
     """
-    batches = [batch for batch in batches if batch.lengths.numel()]
-    for batch in batches:
-        batch.check_bounds()
-    total = sum(int(batch.lengths.sum()) for batch in batches)
-    if not batches:
+    numbers = [i for i, batch in enumerate(batches) if batch.lengths.numel()]
+    if not numbers:
         return 0
-    if all(b.src.device.type == "cpu" and b.dst.device.type == "cpu" for b in batches):
-        src = torch.cat([b.src_offsets + b.src.data_ptr() for b in batches])
-        dst = torch.cat([b.dst_offsets + b.dst.data_ptr() for b in batches])
-        lengths = torch.cat([b.lengths for b in batches])
-        copy_addresses(src, dst, lengths, ordered)
-    else:
-        for batch in batches:
-            _copy_with_torch(batch, ordered)
+    batches = [batches[i] for i in numbers]
+    counts = [_check_batch(batch, i) for i, batch in zip(numbers, batches)]
+    index = item_index(counts)
+    args = (region_table([(b.src.data_ptr(), b.src.nbytes) for b in batches]), index,
+            _cat([b.src_offsets for b in batches]),
+            region_table([(b.dst.data_ptr(), b.dst.nbytes) for b in batches]), index,
+            _cat([b.dst_offsets for b in batches]),
+            _cat([b.lengths for b in batches]))
+
+    try:
+        if all(b.src.is_cpu and b.dst.is_cpu for b in batches):
+            return _C.copy_segments(*args, 1 if ordered else COPY_THREADS, not ordered)
+        total = _C.check_segments(*args)
+    except SegmentRangeError as exc:
+        refuse(exc, counts, "batch", numbers.__getitem__,
+               None if where is None else lambda group: where(numbers[group]))
+    for batch in batches:
+        _copy_with_torch(batch, ordered)
     return total
 
 
-def copy_addresses(src: torch.Tensor, dst: torch.Tensor, lengths: torch.Tensor,
-                   ordered: bool = False) -> None:
-    """One native memcpy call over (src, dst, length) host address triples.
-
-    Unless the order matters, segments are sorted by source address first: reading memory
-    in ascending order lets the hardware prefetch, which for scattered 16 KiB blocks is worth
-    about a third more bandwidth here.
-    """
-    if not ordered and src.numel() > SORT_MIN_SEGMENTS:
-        src, dst, lengths = ascending(src, dst, lengths)
-    _C.copy_segments(src, dst, lengths, 1 if ordered else COPY_THREADS)
+def _cat(tensors: List[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
-def ascending(keys: torch.Tensor, *others: torch.Tensor) -> List[torch.Tensor]:
-    """`keys` and `others` (CPU tensors of its length) reordered so that `keys` ascends.
-
-    numpy, not torch: its sort is ~5x faster on 16k int64 here, and it stays on this thread,
-    where a parallel torch kernel would leave an OpenMP worker spinning on the second core that
-    the copy threads need next.
-    """
-    order = np.argsort(keys.numpy())
-    return [torch.from_numpy(t.numpy()[order]) for t in (keys, *others)]
+def _check_batch(batch: SegmentBatch, index: int) -> int:
+    """What the native call needs of a batch that its values cannot tell: byte tensors whose
+    (data_ptr, nbytes) is their memory, and one offset per length. Returns the segment count."""
+    for name in ("src", "dst"):
+        tensor = getattr(batch, name)
+        if tensor.dtype != torch.uint8 or tensor.dim() != 1 or not tensor.is_contiguous():
+            fail(LLMStatusCode.LLM_PARAM_INVALID, "batch %d: %s must be a contiguous 1-D uint8 "
+                 "tensor, got %s %s", index, name, tensor.dtype, tuple(tensor.shape))
+    n = batch.lengths.numel()
+    if batch.src_offsets.numel() != n or batch.dst_offsets.numel() != n:
+        fail(LLMStatusCode.LLM_PARAM_INVALID, "batch %d: %d source offsets and %d destination "
+             "offsets for %d lengths", index, batch.src_offsets.numel(),
+             batch.dst_offsets.numel(), n)
+    return n
 
 
 def _copy_with_torch(batch: SegmentBatch, ordered: bool) -> None:

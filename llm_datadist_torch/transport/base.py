@@ -1,8 +1,11 @@
 """The data-plane interface: move byte segments between local and remote cache tensors.
 
 The manager reduces every transfer, once and vectorised, to a list of `TransferItem`s (segments
-between one remote tensor and one local raw tensor); a `Transport` checks all of them and then
-moves the bytes in as few native calls as it can.
+between one remote tensor and one local raw tensor); a `Transport` checks the items' tensors
+(`check_items`) and then moves the bytes in as few native calls as it can. The ranges of the
+segments are checked by those native calls, before any byte moves, against region tables of
+(base, size) per item (`Segments`): one overflow-safe rule, in csrc/segments.cpp, for every
+backend; a segment outside its region or local tensor is `LLM_PARAM_INVALID`.
 
 Timeouts: every backend here is a synchronous memcpy or syscall that cannot be interrupted,
 so `timeout_s` is checked once, before any byte moves: a deadline already passed
@@ -18,13 +21,13 @@ import dataclasses
 import logging
 import threading
 import time
-from typing import ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import ClassVar, List, NoReturn, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from ..memory.native import _C
-from ..memory.copy import SegmentBatch, copy_addresses, copy_batches
+from ..memory.copy import (COPY_THREADS, SegmentBatch, SegmentRangeError, copy_batches,
+                           item_index, refuse, region_table)
 from ..core.descriptors import Region
 from ..status import LLMStatusCode, fail
 
@@ -56,9 +59,13 @@ class TransferItem:
 
 @dataclasses.dataclass
 class Segments:
-    """All segments of a list of items, concatenated; `counts[i]` belong to item i."""
+    """All segments of a list of items, concatenated; `counts[i]` belong to item i, and
+    `index[k]` is the item of segment k: its row in the region tables below."""
 
-    counts: torch.Tensor
+    peer: Peer
+    items: Sequence[TransferItem]
+    counts: List[int]
+    index: torch.Tensor
     remote_offsets: torch.Tensor
     local_offsets: torch.Tensor
     lengths: torch.Tensor
@@ -67,16 +74,50 @@ class Segments:
     def total_bytes(self) -> int:
         return int(self.lengths.sum()) if self.lengths.numel() else 0
 
+    def remote_regions(self, remote_bases: Sequence[int]) -> torch.Tensor:
+        """The remote region table: item i's region is `region.nbytes` bytes at `remote_bases[i]`
+        (where that memory is reached: its address in the peer, or a mapping of it here)."""
+        return region_table([(base, item.region.nbytes)
+                             for base, item in zip(remote_bases, self.items)], self._where)
+
+    def local_regions(self) -> torch.Tensor:
+        return region_table([(item.local.data_ptr(), item.local.nbytes) for item in self.items])
+
+    def _where(self, i: int) -> str:
+        return "item %d; %s" % (i, _describe(self.peer, self.items[i].region))
+
     def addresses(self, remote_bases: Sequence[int], local_bases: Sequence[int]
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Absolute (remote, local) addresses: per-item base + offset, vectorised."""
-        # numpy, not repeat_interleave: that is a parallel torch kernel, whose idle OpenMP worker
-        # then spins for milliseconds on the core the copy threads need (see memory/copy.py, ascending).
-        def expand(bases):
-            return torch.from_numpy(np.repeat(np.array(bases, dtype=np.int64),
-                                              self.counts.numpy()))
-        return (expand(remote_bases) + self.remote_offsets,
-                expand(local_bases) + self.local_offsets)
+        """Absolute (remote, local) addresses of every segment, for backends that hand addresses
+        to someone else (Mooncake); checked natively first like every copy."""
+        local_regions = region_table([(base, item.local.nbytes)
+                                      for base, item in zip(local_bases, self.items)])
+        try:
+            local, remote = _C.resolve_segments(local_regions, self.index, self.local_offsets,
+                                                self.remote_regions(remote_bases), self.index,
+                                                self.remote_offsets, self.lengths)
+        except SegmentRangeError as exc:
+            self.refuse(exc)
+        return remote, local
+
+    def check(self) -> None:
+        """Only the range check (no address is used): for transfers with nothing to move."""
+        try:
+            _C.resolve_segments(region_table([(0, item.local.nbytes) for item in self.items]),
+                                self.index, self.local_offsets,
+                                self.remote_regions([0] * len(self.items)), self.index,
+                                self.remote_offsets, self.lengths)
+        except SegmentRangeError as exc:
+            self.refuse(exc)
+
+    def refuse(self, exc: SegmentRangeError, to_remote: Optional[bool] = None) -> NoReturn:
+        """The native range error as `LLM_PARAM_INVALID`, naming the item, its region and peer
+        (and, for a copy whose sides are source and destination, which of them is remote)."""
+        sides = None if to_remote is None else (
+            {"source": "local", "destination": "remote"} if to_remote
+            else {"source": "remote", "destination": "local"})
+        refuse(exc, self.counts, "item", where=lambda i: _describe(self.peer, self.items[i].region),
+               sides=sides)
 
 
 def _describe(peer: Peer, region: Region) -> str:
@@ -87,48 +128,23 @@ def _describe(peer: Peer, region: Region) -> str:
 
 
 def check_items(peer: Peer, items: Sequence[TransferItem]) -> Segments:
-    """Validate every item and segment before any memory is touched -> `LLM_PARAM_INVALID`.
-
-    Each segment must lie in `[0, region.nbytes)` and inside `local`. Items usually share one
-    plan (the same offset and length tensors for every cache tensor), so the extent of each
-    distinct offsets/lengths pair is computed once and compared with every item's limits.
-    """
-    extents: Dict[Tuple[int, int], Optional[Tuple[int, int, int]]] = {}
-    for index, item in enumerate(items):
+    """Check what the native calls need of every item before any memory is touched: a
+    contiguous 1-D uint8 local tensor, and 1-D int64 CPU offsets and lengths of one length
+    (-> `LLM_PARAM_INVALID`). The ranges themselves are checked by the native copy."""
+    for item in items:
         _check_item_shapes(peer, item)
-        for side, offsets, limit in (("remote", item.remote_offsets, item.region.nbytes),
-                                     ("local", item.local_offsets, item.local.numel())):
-            key = (id(offsets), id(item.lengths))
-            if key not in extents:
-                extents[key] = _extent(offsets, item.lengths)
-            extent = extents[key]
-            if extent is not None and (extent[0] < 0 or extent[1] < 0 or extent[2] > limit):
-                fail(LLMStatusCode.LLM_PARAM_INVALID,
-                     "%s segments of item %d reach [%d, %d) with lengths >= %d, outside its %s "
-                     "tensor of %d bytes (%s)", side, index, extent[0], extent[2], extent[1], side,
-                     limit, _describe(peer, item.region))
-    empty = torch.empty(0, dtype=torch.int64)
+    counts = [item.lengths.numel() for item in items]
     if not items:
-        return Segments(empty, empty, empty, empty)
-    return Segments(torch.tensor([item.lengths.numel() for item in items], dtype=torch.int64),
-                    torch.cat([item.remote_offsets for item in items]),
-                    torch.cat([item.local_offsets for item in items]),
-                    torch.cat([item.lengths for item in items]))
+        empty = torch.empty(0, dtype=torch.int64)
+        return Segments(peer, [], [], empty, empty, empty, empty)
+    return Segments(peer, list(items), counts, item_index(counts),
+                    _cat([item.remote_offsets for item in items]),
+                    _cat([item.local_offsets for item in items]),
+                    _cat([item.lengths for item in items]))
 
 
-def _extent(offsets: torch.Tensor, lengths: torch.Tensor) -> Optional[Tuple[int, int, int]]:
-    """(smallest offset, smallest length, largest end) of the segments; None if there are none.
-
-    Offsets and lengths above 2**62 are reported as the end itself, so `offset + length`
-    cannot overflow int64.
-    """
-    if not lengths.numel():
-        return None
-    huge = 2**62
-    max_offset, max_length = int(offsets.max()), int(lengths.max())
-    if max_offset > huge or max_length > huge:
-        return int(offsets.min()), int(lengths.min()), max(max_offset, max_length)
-    return int(offsets.min()), int(lengths.min()), int((offsets + lengths).max())
+def _cat(tensors: List[torch.Tensor]) -> torch.Tensor:
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
 def _check_item_shapes(peer: Peer, item: TransferItem) -> None:
@@ -144,9 +160,6 @@ def _check_item_shapes(peer: Peer, item: TransferItem) -> None:
             fail(LLMStatusCode.LLM_PARAM_INVALID,
                  "%s must be a 1-D int64 CPU tensor of %d entries, got %s %s on %s (%s)",
                  name, n, t.dtype, tuple(t.shape), t.device, _describe(peer, item.region))
-    if item.region.nbytes < 0:
-        fail(LLMStatusCode.LLM_PARAM_INVALID, "negative region size (%s)",
-             _describe(peer, item.region))
 
 
 class Transport(abc.ABC):
@@ -213,6 +226,7 @@ class Transport(abc.ABC):
         segments = check_items(self.peer, items)
         total = segments.total_bytes
         if total == 0:
+            segments.check()  # nothing to move, but a bad range is refused all the same
             return 0
         if timeout_s is not None and timeout_s <= 0:
             fail(LLMStatusCode.LLM_TIMEOUT, "%s %s of %d bytes with peer pid %d: deadline passed "
@@ -229,7 +243,9 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def _transfer(self, items: List[TransferItem], segments: Segments, to_remote: bool) -> None:
-        """Move the (validated, non-empty) segments; raise `LLMException` on failure."""
+        """Move the segments (items checked by `check_items`, at least one byte) through one of
+        the native calls that check every range first (`copy_by_address`, `_C.cma_read`, ...,
+        `Segments.addresses`); raise `LLMException` on failure."""
 
     def _release(self) -> None:
         """Drop whatever the transport holds; called once, with no copy in flight."""
@@ -241,22 +257,36 @@ class Transport(abc.ABC):
 def copy_by_address(items: Sequence[TransferItem], segments: Segments, remote_bases: Sequence[int],
                     remote_device: str, to_remote: bool) -> None:
     """Copy between remote memory that is mapped here (at `remote_bases[i]` for item i) and the
-    local tensors: one native call when everything is on CPU, else torch copies on the device."""
-    if remote_device == "cpu" and all(item.local.device.type == "cpu" for item in items):
-        remote, local = segments.addresses(remote_bases, [item.local.data_ptr() for item in items])
+    local tensors: one native call when everything is on CPU, else torch copies on the device.
+    Either way every segment is checked natively against its region and local tensor first."""
+    if remote_device == "cpu" and all(item.local.is_cpu for item in items):
+        remote = (segments.remote_regions(remote_bases), segments.index, segments.remote_offsets)
+        local = (segments.local_regions(), segments.index, segments.local_offsets)
         src, dst = (local, remote) if to_remote else (remote, local)
-        copy_addresses(src, dst, segments.lengths)
+        try:
+            _C.copy_segments(*src, *dst, segments.lengths, COPY_THREADS, True)
+        except SegmentRangeError as exc:
+            segments.refuse(exc, to_remote)
         return
-    batches = []
-    for item, base in zip(items, remote_bases):
-        if not item.lengths.numel() or not item.region.nbytes:
-            continue  # nothing to move, and a zero-byte region may have no valid address
-        remote = _C.tensor_from_address(base, [item.region.nbytes], torch.uint8,
-                                        torch.device(remote_device))
+    batches, numbers = [], []
+    for number, (item, base) in enumerate(zip(items, remote_bases)):
+        if not item.lengths.numel():
+            continue
+        if item.region.nbytes:
+            try:
+                remote = _C.tensor_from_address(base, [item.region.nbytes], torch.uint8,
+                                                torch.device(remote_device))
+            except (TypeError, ValueError) as exc:  # a negative size, an end past 2**64
+                fail(LLMStatusCode.LLM_PARAM_INVALID, "item %d: %s (%s)", number, exc,
+                     _describe(segments.peer, item.region))
+        else:  # a zero-byte region may have no valid address; its segments are checked anyway
+            remote = torch.empty(0, dtype=torch.uint8, device=remote_device)
         if to_remote:
             batches.append(SegmentBatch(item.local, remote, item.local_offsets,
                                         item.remote_offsets, item.lengths))
         else:
             batches.append(SegmentBatch(remote, item.local, item.remote_offsets,
                                         item.local_offsets, item.lengths))
-    copy_batches(batches)
+        numbers.append(number)
+    copy_batches(batches, where=lambda i: "item %d, %s" % (
+        numbers[i], _describe(segments.peer, items[numbers[i]].region)))

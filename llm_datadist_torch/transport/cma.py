@@ -14,7 +14,7 @@ import threading
 from typing import List, Optional, Set
 
 from ..memory.native import _C
-from ..memory.copy import COPY_THREADS, SORT_MIN_SEGMENTS, ascending
+from ..memory.copy import COPY_THREADS, SegmentRangeError
 from ..status import LLMStatusCode, fail
 from ..core.descriptors import Region
 from .base import Peer, Segments, TransferItem, Transport
@@ -67,14 +67,16 @@ class CmaTransport(Transport):
             if item.local.device.type != "cpu" and item.lengths.numel():
                 fail(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "cma moves CPU memory only; local "
                      "tensor is on %s (%s)", item.local.device, self.describe(item.region))
-        remote, local = segments.addresses([item.region.address for item in items],
-                                           [item.local.data_ptr() for item in items])
-        lengths = segments.lengths
-        if remote.numel() > SORT_MIN_SEGMENTS:  # ascending remote addresses read faster
-            remote, local, lengths = ascending(remote, local, lengths)
+        # The peer's regions as it described them: every segment is checked against them (and
+        # the local tensors) natively before any byte moves; the kernel then refuses whatever
+        # is not really mapped there (EFAULT). Sorted by remote address natively.
+        remote = segments.remote_regions([item.region.address for item in items])
         call = _C.cma_write if to_remote else _C.cma_read
         try:
-            call(self.peer.pid, local, remote, lengths, COPY_THREADS)
+            call(self.peer.pid, segments.local_regions(), segments.index, segments.local_offsets,
+                 remote, segments.index, segments.remote_offsets, segments.lengths, COPY_THREADS)
+        except SegmentRangeError as exc:
+            segments.refuse(exc)
         except OSError as exc:
             self._raise(exc, items, to_remote)
 

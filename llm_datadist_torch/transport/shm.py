@@ -69,8 +69,11 @@ class ShmTransport(Transport):
             mapping = self._maps.get(name)
             if mapping is None:
                 mapping = self._maps[name] = self._map(name, region)
-        # The owner never shrinks its file; a region reaching past the end would SIGBUS.
-        if region.shm_offset < 0 or region.shm_offset + region.nbytes > mapping.size:
+        # The owner never shrinks its file; a region reaching past the end would SIGBUS. Same
+        # rule as the native segment check (no offset + size that could wrap), though Python
+        # integers would not.
+        if (region.shm_offset < 0 or region.nbytes < 0 or region.shm_offset > mapping.size
+                or region.nbytes > mapping.size - region.shm_offset):
             fail(LLMStatusCode.LLM_PARAM_INVALID, "region reaches past the end of its %d-byte "
                  "file (%s)", mapping.size, self.describe(region))
         return mapping

@@ -48,6 +48,31 @@ def _i64(values):
     return torch.tensor(values, dtype=torch.int64)
 
 
+def _table(*regions):
+    """A region table: rows of (base address, size), given as tensors or (base, size) pairs."""
+    rows = [(r.data_ptr(), r.nbytes) if isinstance(r, torch.Tensor) else r for r in regions]
+    return _i64(rows).view(-1, 2)
+
+
+def _zeros(n):
+    return torch.zeros(n, dtype=torch.int64)
+
+
+def _copy(src, dst, s_off, d_off, lengths, *more):
+    """copy_segments between two whole tensors (one region per side)."""
+    index = _zeros(len(lengths))
+    return _C.copy_segments(_table(src), index, _i64(s_off), _table(dst), index, _i64(d_off),
+                            _i64(lengths), *more)
+
+
+def _cma(call, pid, local, l_off, remote, r_off, lengths, *more, r_index=None):
+    """cma_read / cma_write between one local tensor and remote region(s) (base, size)."""
+    remotes = remote if isinstance(remote, list) else [remote]
+    r_index = _zeros(len(lengths)) if r_index is None else _i64(r_index)
+    return call(pid, _table(local), _zeros(len(lengths)), _i64(l_off), _table(*remotes), r_index,
+                _i64(r_off), _i64(lengths), *more)
+
+
 # ---------------------------------------------------------------- registry
 
 
@@ -282,8 +307,7 @@ def _check_copy_against_reference(src, dst, s_off, d_off, lengths, max_threads):
     expected = dst.clone()
     for s, d, n in zip(s_off, d_off, lengths):
         expected[d:d + n] = src[s:s + n]
-    _C.copy_segments(_i64(s_off) + src.data_ptr(), _i64(d_off) + dst.data_ptr(), _i64(lengths),
-                     max_threads)
+    assert _copy(src, dst, s_off, d_off, lengths, max_threads) == sum(lengths)
     assert torch.equal(dst, expected)
 
 
@@ -314,36 +338,77 @@ def test_copy_segments_streaming_batch_matches_reference(max_threads):
                                   max_threads)
 
 
+@pytest.mark.parametrize("count", [65, 600, 5000])
+def test_copy_segments_sorted_over_several_regions(count):
+    """Many segments in random order over several regions per side: sorted by source address
+    natively (comparison sort, then radix sort from 1024 on), still byte-exact."""
+    rng = random.Random(count)
+    block = 256
+    srcs = [torch.randint(0, 256, (count * block,), dtype=torch.uint8) for _ in range(3)]
+    dsts = [torch.zeros(count * block, dtype=torch.uint8) for _ in range(2)]
+    s_index = [rng.randrange(3) for _ in range(count)]
+    s_off = [rng.randrange(count) * block + rng.randrange(8) for _ in range(count)]
+    d_slots = rng.sample(range(2 * count), count)  # distinct destination blocks
+    d_index = [slot % 2 for slot in d_slots]
+    d_off = [slot // 2 * block for slot in d_slots]
+    lengths = [rng.randrange(block - 8) for _ in range(count)]
+    expected = [d.clone() for d in dsts]
+    for si, so, di, do, n in zip(s_index, s_off, d_index, d_off, lengths):
+        expected[di][do:do + n] = srcs[si][so:so + n]
+    total = _C.copy_segments(_table(*srcs), _i64(s_index), _i64(s_off), _table(*dsts),
+                             _i64(d_index), _i64(d_off), _i64(lengths), 2)
+    assert total == sum(lengths)
+    for got, want in zip(dsts, expected):
+        assert torch.equal(got, want)
+
+
+def test_copy_segments_unsorted_keeps_list_order():
+    """sort=False with one thread: segments that depend on each other see each other."""
+    buf = torch.arange(256, dtype=torch.uint8)
+    count = 100  # above the sorting threshold
+    # Each segment copies the byte the previous one wrote: a chain only list order keeps.
+    _copy(buf, buf, list(range(count)), list(range(1, count + 1)), [1] * count, 1, False)
+    assert buf[:count + 1].eq(0).all() and torch.equal(buf[count + 1:],
+                                                        torch.arange(count + 1, 256).byte())
+
+
 def test_copy_segments_single_huge_segment_is_split():
     src = torch.randint(0, 256, (9 << 20,), dtype=torch.uint8)
     dst = torch.zeros_like(src)
-    _C.copy_segments(_i64([src.data_ptr() + 3]), _i64([dst.data_ptr() + 5]), _i64([(9 << 20) - 8]),
-                     2)
+    _copy(src, dst, [3], [5], [(9 << 20) - 8], 2)
     assert torch.equal(dst[5:-3], src[3:-5])
     assert dst[:5].eq(0).all() and dst[-3:].eq(0).all()
 
 
 def test_copy_segments_empty_and_zero_length():
     buf = torch.zeros(8, dtype=torch.uint8)
-    _C.copy_segments(_i64([]), _i64([]), _i64([]))
-    _C.copy_segments(_i64([0x10]), _i64([buf.data_ptr()]), _i64([0]))  # zero bytes: not touched
+    assert _copy(buf, buf, [], [], []) == 0
+    # zero bytes from a zero-byte region at an address that is not mapped: nothing is touched
+    assert _C.copy_segments(_table((0x10, 0)), _zeros(1), _i64([0]), _table(buf), _zeros(1),
+                            _i64([8]), _i64([0])) == 0
     assert buf.eq(0).all()
 
 
 def test_copy_segments_argument_checks():
-    ok = _i64([0])
+    ok, table = _i64([0]), _table((0x1000, 8))
     with pytest.raises(TypeError, match="int64"):
-        _C.copy_segments(ok, torch.tensor([0.0]), ok)
+        _C.copy_segments(table, ok, torch.tensor([0.0]), table, ok, ok, ok)
+    with pytest.raises(TypeError, match="src_regions must be an int64"):
+        _C.copy_segments(table.double(), ok, ok, table, ok, ok, ok)
     with pytest.raises(ValueError, match="same length"):
-        _C.copy_segments(ok, _i64([0, 0]), ok)
+        _C.copy_segments(table, ok, ok, table, ok, _i64([0, 0]), ok)
     with pytest.raises(ValueError, match="1-D contiguous"):
-        _C.copy_segments(_i64([[0]]), ok, ok)
+        _C.copy_segments(table, _i64([[0]]), ok, table, ok, ok, ok)
     with pytest.raises(ValueError, match="1-D contiguous"):
-        _C.copy_segments(_i64([0, 0, 0, 0])[::2], ok, ok)
-    with pytest.raises(ValueError, match="negative"):
-        _C.copy_segments(ok, ok, _i64([-1]))
+        _C.copy_segments(table, ok, _i64([0, 0, 0, 0])[::2], table, ok, ok, ok)
+    with pytest.raises(ValueError, match=r"dst_regions must be a contiguous \[R, 2\]"):
+        _C.copy_segments(table, ok, ok, _i64([0x1000, 8]), ok, ok, ok)
+    with pytest.raises(ValueError, match=r"\[R, 2\]"):
+        _C.copy_segments(table, ok, ok, _i64([[0x1000, 8, 0]]), ok, ok, ok)
+    with pytest.raises(_C.SegmentRangeError, match="negative length"):
+        _C.copy_segments(table, ok, ok, table, ok, ok, _i64([-1]))
     with pytest.raises(ValueError, match="max_threads"):
-        _C.copy_segments(ok, ok, _i64([0]), 0)
+        _C.copy_segments(table, ok, ok, table, ok, ok, _i64([0]), 0)
 
 
 # ---------------------------------------------------------------- CMA
@@ -399,7 +464,7 @@ def test_cma_read_segments(child):
     lengths = [0, 1, 5000, 0, 70_000, 300_000] + [rng.randrange(0, 3000) for _ in range(50)]
     remote, local, lengths = _random_segments(rng, CHILD_SIZE, 1 << 20, lengths)
     out = torch.zeros(1 << 20, dtype=torch.uint8)
-    _C.cma_read(pid, _i64(local) + out.data_ptr(), _i64(remote) + addr, _i64(lengths))
+    assert _cma(_C.cma_read, pid, out, local, (addr, CHILD_SIZE), remote, lengths) == sum(lengths)
     pattern = torch.frombuffer(bytearray(_pattern(CHILD_SIZE)), dtype=torch.uint8)
     expected = torch.zeros_like(out)
     for r, l, n in zip(remote, local, lengths):
@@ -412,8 +477,8 @@ def test_cma_read_more_segments_than_iov_max(child):
     count = 2500  # three syscalls' worth of iovecs
     out = torch.zeros(count * 16, dtype=torch.uint8)
     remote = [(i * 389) % (CHILD_SIZE - 16) for i in range(count)]
-    _C.cma_read(pid, _i64(range(0, count * 16, 16)) + out.data_ptr(), _i64(remote) + addr,
-                _i64([16] * count))
+    # more than 1024 segments in random remote order: radix-sorted by remote address first
+    _cma(_C.cma_read, pid, out, range(0, count * 16, 16), (addr, CHILD_SIZE), remote, [16] * count)
     pattern = _pattern(CHILD_SIZE)
     assert bytes(out.numpy()) == b"".join(pattern[r:r + 16] for r in remote)
 
@@ -427,7 +492,7 @@ def test_cma_read_split_over_threads(child, max_threads):
     remote, local, lengths = _random_segments(rng, CHILD_SIZE, 16 << 20, lengths)
     assert sum(lengths) >= 8 << 20
     out = torch.zeros(16 << 20, dtype=torch.uint8)
-    _C.cma_read(pid, _i64(local) + out.data_ptr(), _i64(remote) + addr, _i64(lengths), max_threads)
+    _cma(_C.cma_read, pid, out, local, (addr, CHILD_SIZE), remote, lengths, max_threads)
     pattern = torch.frombuffer(bytearray(_pattern(CHILD_SIZE)), dtype=torch.uint8)
     expected = torch.zeros_like(out)
     for r, l, n in zip(remote, local, lengths):
@@ -442,13 +507,13 @@ def test_cma_error_in_one_thread_is_raised_once_both_are_done(child, bad_share):
     pid, addr, _ = child
     count = 10  # 10 MiB: two shares of five segments
     lengths = [CHILD_SIZE] * count
-    remote = [addr] * count
+    r_index = [0] * count
     bad = 0 if bad_share == 0 else count - 1
-    remote[bad] = 0x10
+    r_index[bad] = 1  # a region the peer claims but has not mapped
     out = torch.zeros(count * CHILD_SIZE, dtype=torch.uint8)
     with pytest.raises(OSError) as info:
-        _C.cma_read(pid, _i64(range(0, count * CHILD_SIZE, CHILD_SIZE)) + out.data_ptr(),
-                    _i64(remote), _i64(lengths), 2)
+        _cma(_C.cma_read, pid, out, range(0, count * CHILD_SIZE, CHILD_SIZE),
+             [(addr, CHILD_SIZE), (0x10, CHILD_SIZE)], [0] * count, lengths, 2, r_index=r_index)
     assert info.value.errno == errno.EFAULT and str(pid) in str(info.value)
     good = out[CHILD_SIZE * (count // 2):] if bad_share == 0 else out[:CHILD_SIZE * (count // 2)]
     assert torch.equal(good.view(-1, CHILD_SIZE)[0],
@@ -463,7 +528,7 @@ def test_cma_write_then_child_sees_it(child):
     remote = [10, 100_000, CHILD_SIZE - 1000, 5000]
     local = [0, 20_000, 150_000, 199_000]
     lengths = [4000, 50_000, 1000, 0]
-    _C.cma_write(pid, _i64(local) + data.data_ptr(), _i64(remote) + addr, _i64(lengths))
+    _cma(_C.cma_write, pid, data, local, (addr, CHILD_SIZE), remote, lengths)
     expected = bytearray(before)
     raw = bytes(data.numpy())
     for r, l, n in zip(remote, local, lengths):
@@ -471,7 +536,7 @@ def test_cma_write_then_child_sees_it(child):
     assert dump() == bytes(expected)
     # put the pattern back for the other tests
     original = torch.frombuffer(bytearray(before), dtype=torch.uint8)
-    _C.cma_write(pid, _i64([original.data_ptr()]), _i64([addr]), _i64([CHILD_SIZE]))
+    _cma(_C.cma_write, pid, original, [0], (addr, CHILD_SIZE), [0], [CHILD_SIZE])
     assert dump() == before
 
 
@@ -479,17 +544,17 @@ def test_cma_bad_remote_address_is_efault(child):
     pid, addr, _ = child
     out = torch.zeros(64, dtype=torch.uint8)
     with pytest.raises(OSError) as info:
-        _C.cma_read(pid, _i64([out.data_ptr()]), _i64([0x10]), _i64([64]))
+        _cma(_C.cma_read, pid, out, [0], (0x10, 64), [0], [64])
     assert info.value.errno == errno.EFAULT
     assert str(pid) in str(info.value) and os.strerror(errno.EFAULT) in str(info.value)
     # a good segment before a bad one is copied, then the bad one fails
     with pytest.raises(OSError) as info:
-        _C.cma_read(pid, _i64([out.data_ptr(), out.data_ptr() + 32]), _i64([addr, 0x10]),
-                    _i64([32, 32]))
+        _cma(_C.cma_read, pid, out, [0, 32], [(addr, CHILD_SIZE), (0x10, 32)], [0, 0], [32, 32],
+             r_index=[0, 1])
     assert info.value.errno == errno.EFAULT
     assert bytes(out[:32].numpy()) == _pattern(32)
     with pytest.raises(OSError) as info:
-        _C.cma_write(pid, _i64([out.data_ptr()]), _i64([0x10]), _i64([64]))
+        _cma(_C.cma_write, pid, out, [0], (0x10, 64), [0], [64])
     assert info.value.errno == errno.EFAULT
 
 
@@ -501,7 +566,7 @@ def test_cma_fault_inside_a_segment_keeps_the_bytes_before_it(pages):
     assert _libc.munmap(src + PAGE, PAGE) == 0
     out = torch.zeros(2 * PAGE, dtype=torch.uint8)
     with pytest.raises(OSError) as info:
-        _C.cma_read(os.getpid(), _i64([out.data_ptr()]), _i64([src]), _i64([2 * PAGE]))
+        _cma(_C.cma_read, os.getpid(), out, [0], (src, 2 * PAGE), [0], [2 * PAGE])
     assert info.value.errno == errno.EFAULT
     assert out[:PAGE].eq(0xAB).all() and out[PAGE:].eq(0).all()
 
@@ -512,21 +577,25 @@ def test_cma_dead_pid_is_esrch():
     pid = proc.pid
     out = torch.zeros(8, dtype=torch.uint8)
     with pytest.raises(ProcessLookupError) as info:
-        _C.cma_read(pid, _i64([out.data_ptr()]), _i64([out.data_ptr()]), _i64([8]))
+        _cma(_C.cma_read, pid, out, [0], (out.data_ptr(), 8), [0], [8])
     assert info.value.errno == errno.ESRCH
     assert f"pid {pid}" in str(info.value)
     for bad in (0, -5, 1 << 40):  # never wrapped onto a real pid
         with pytest.raises(ProcessLookupError):
-            _C.cma_read(bad, _i64([out.data_ptr()]), _i64([out.data_ptr()]), _i64([8]))
+            _cma(_C.cma_read, bad, out, [0], (out.data_ptr(), 8), [0], [8])
 
 
 def test_cma_argument_checks():
+    ok, table = _i64([0]), _table((0x1000, 8))
     with pytest.raises(ValueError, match="same length"):
-        _C.cma_read(os.getpid(), _i64([0]), _i64([]), _i64([0]))
+        _C.cma_read(os.getpid(), table, ok, ok, table, ok, _i64([]), ok)
     with pytest.raises(TypeError, match="int64"):
-        _C.cma_write(os.getpid(), _i64([0]), _i64([0]), torch.tensor([1], dtype=torch.int32))
+        _C.cma_write(os.getpid(), table, ok, ok, table, ok, ok,
+                     torch.tensor([1], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"remote_regions must be a contiguous \[R, 2\]"):
+        _C.cma_read(os.getpid(), table, ok, ok, ok, ok, ok, ok)
     with pytest.raises(ValueError, match="max_threads"):
-        _C.cma_read(os.getpid(), _i64([0]), _i64([0]), _i64([0]), 0)
+        _C.cma_read(os.getpid(), table, ok, ok, table, ok, ok, _i64([0]), 0)
 
 
 def test_allow_ptrace_from_does_not_raise():
