@@ -16,7 +16,7 @@ def split_segments(lengths: torch.Tensor, max_bytes: int, *offsets: torch.Tensor
     """The same bytes in segments of at most `max_bytes`: (lengths, each `offsets` shifted).
 
     numpy, not torch.repeat_interleave: a parallel torch kernel leaves an OpenMP worker spinning
-    on the core the copy threads need (see copy.py, `ascending`).
+    on the core the copy threads need (see copy.py, `item_index`).
     """
     if max_bytes <= 0:
         raise ValueError(f"cannot split segments into pieces of {max_bytes} bytes")
