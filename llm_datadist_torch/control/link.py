@@ -36,6 +36,7 @@ class Link:
     start_time: Optional[int] = None  # of the peer's pid, when proven on this host (pid reuse)
     broken: bool = False
     authenticated: bool = True  # False until a peer that must authenticate has (handshake.py)
+    cma_refused: bool = False  # the owner could not let us attach (transport/cma.py)
     last_used: float = dataclasses.field(default_factory=time.monotonic)  # a request either way
     transports: Dict[str, Transport] = dataclasses.field(default_factory=dict)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
@@ -52,10 +53,13 @@ class Link:
     force_staging: bool = dataclasses.field(default_factory=force_staging)
 
     def needs_staging(self, region: Region) -> bool:
-        """Memory of another process that no transport reads directly: the owner's device memory."""
+        """Memory of another process that no transport reads directly: the owner's device
+        memory, and its CPU memory outside /dev/shm once the owner refused us CMA (Yama names
+        one ptracer per process)."""
         if self.peer.same_process:
             return False
-        return self.force_staging or region.device != "cpu"
+        return (self.force_staging or region.device != "cpu"
+                or (self.cma_refused and not region.shm_name))
 
     def ensure_usable(self) -> None:
         if self.broken or self.rpc is None:

@@ -22,6 +22,7 @@ from ..configs import LLMClusterInfo, ip_int_to_str
 from ..core.engine import Engine
 from ..status import LLMException, LLMStatusCode, fail
 from ..transport.bounce import BounceBuffer
+from ..transport.cma import grant_access
 from .handshake import Handshake
 from .host import local_host_id
 from .invalidation import Invalidator
@@ -216,10 +217,11 @@ class LinkManager:
         link.close()
 
     def grant_access(self) -> None:
-        from ..transport.cma import grant_access
+        """CMA access for exactly the same-host peers this engine proved (with those of the
+        process's other engines: transport/cma.py)."""
         with self._lock:
-            grant_access({link.peer.pid for link in self._links.values()
-                          if link.peer.same_host and not link.peer.same_process})
+            grant_access(self, {link.peer.pid for link in self._links.values()
+                                if link.peer.same_host and not link.peer.same_process})
 
     # ---- client side -----------------------------------------------------------------------
     def link_clusters(self, clusters: List[LLMClusterInfo], timeout_ms: int

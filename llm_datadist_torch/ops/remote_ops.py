@@ -115,6 +115,17 @@ def move(engine: Engine, link: Link, cache_id: int, fence: Fence, regions, plan,
     first_remote = regions[plan.pairs[0][0] if pulling else plan.pairs[0][1]]
     if link.needs_staging(first_remote):
         return staged_move(engine, link, cache_id, fence.value, plan, local, pulling, deadline)
+    try:
+        return _one_sided(engine, link, cache_id, fence, regions, plan, local, pulling, deadline)
+    except LLMException as exc:
+        if not getattr(exc, "ptrace_refused", False):
+            raise
+        link.cma_refused = True  # from now on this owner's CPU memory goes through staging
+        return staged_move(engine, link, cache_id, fence.value, plan, local, pulling, deadline)
+
+
+def _one_sided(engine: Engine, link: Link, cache_id: int, fence: Fence, regions, plan,
+               local: CacheEntry, pulling: bool, deadline: float) -> int:
     remote_offsets, local_offsets = ((plan.src_offsets, plan.dst_offsets) if pulling
                                      else (plan.dst_offsets, plan.src_offsets))
     moved = 0

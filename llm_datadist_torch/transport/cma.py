@@ -10,42 +10,59 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import threading
-from typing import List, Optional, Set
+from typing import Dict, List, Optional, Set
 
 from ..memory.native import _C
 from ..memory.copy import COPY_THREADS, SegmentRangeError
-from ..status import LLMStatusCode, fail
+from ..status import LLMException, LLMStatusCode, fail
 from ..core.descriptors import Region
 from .base import Peer, Segments, TransferItem, Transport
 
 logger = logging.getLogger(__name__)
 
 _PTRACER_ANY = -1  # PR_SET_PTRACER_ANY
+# Opt-in: with several CMA peers, let any process of this user attach (Yama names one ptracer).
+ANY_PTRACER_ENV = "LLM_DATADIST_TORCH_CMA_ANY_PTRACER"
 _grant_lock = threading.Lock()
 _granted: Optional[int] = None
+_peers_of: Dict[object, Set[int]] = {}  # engine (its link manager) -> pids it links with
 
 
-def grant_access(peer_pids: Set[int]) -> None:
-    """Let exactly the linked peers read and write this process's memory through CMA.
+def grant_access(holder: object, peer_pids: Set[int]) -> None:
+    """`holder`'s linked same-host peers are now `peer_pids`: let exactly the peers of every
+    engine of this process read and write its memory through CMA (Yama: `ptrace_scope` 1).
 
-    Yama accepts one ptracer per process, so several peers need "any process of this uid".
-    Harmless without Yama. Call whenever the set of linked peers changes.
+    Yama names one ptracer per process. With one peer in the whole process, that peer is
+    named; with several, the first is kept and the others cannot attach (their transfers fail
+    with LLM_FEATURE_NOT_ENABLED and go through the owner's staging area instead), unless
+    `LLM_DATADIST_TORCH_CMA_ANY_PTRACER=1` opens CMA to any process of this user. Harmless
+    without Yama. Call whenever a holder's set of peers changes (an empty set when it closes).
     """
     global _granted
-    if not peer_pids:
-        target = 0
-    elif len(peer_pids) == 1:
-        target = next(iter(peer_pids))
-    else:
-        target = _PTRACER_ANY
     with _grant_lock:
+        if peer_pids:
+            _peers_of[holder] = set(peer_pids)
+        else:
+            _peers_of.pop(holder, None)
+        pids = set().union(*_peers_of.values())
+        if not pids:
+            target = 0
+        elif len(pids) == 1:
+            target = next(iter(pids))
+        elif os.environ.get(ANY_PTRACER_ENV) == "1":
+            target = _PTRACER_ANY
+        else:
+            target = _granted if _granted in pids else min(pids)
+        if len(pids) > 1 and target != _PTRACER_ANY:
+            logger.info("%d CMA peers (pids %s): Yama names one ptracer, pid %d; the others go "
+                        "through staging where Yama applies", len(pids), sorted(pids), target)
         if target == _granted:
             return
         if target == _PTRACER_ANY:
-            logger.info("%d linked peers (pids %s): Yama allows one named ptracer, so CMA access "
-                        "is opened to any process of this user", len(peer_pids),
-                        sorted(peer_pids))
+            logger.warning("CMA is open to any process of this user (%s=1); peers: %s",
+                           ANY_PTRACER_ENV, sorted(pids))
         try:
             _C.allow_ptrace_from(target)
         except OSError as exc:
@@ -90,7 +107,10 @@ class CmaTransport(Transport):
             fail(LLMStatusCode.LLM_PARAM_INVALID, "cma %s: an address is not mapped in peer %d "
                  "or here (%s)", what, self.peer.pid, exc)
         if exc.errno == errno.EPERM:
-            fail(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "cma %s: not permitted to access peer %d "
-                 "(%s); check /proc/sys/kernel/yama/ptrace_scope and that both run as one user",
-                 what, self.peer.pid, exc)
+            refused = LLMException(
+                "cma %s: not permitted to access peer %d (%s); check "
+                "/proc/sys/kernel/yama/ptrace_scope and that both run as one user"
+                % (what, self.peer.pid, exc), status_code=LLMStatusCode.LLM_FEATURE_NOT_ENABLED)
+            refused.ptrace_refused = True  # the caller may go through the owner's staging area
+            raise refused
         fail(LLMStatusCode.LLM_FAILED, "cma %s failed: %s", what, exc)

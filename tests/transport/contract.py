@@ -165,7 +165,7 @@ def _child_main(conn, kind: str, parent_pid: int) -> None:
             from llm_datadist_torch.transport.cma import grant_access
             tensors = [torch.empty(n, dtype=torch.uint8) for n in REGION_SIZES]
             regions = [Region(t.data_ptr(), t.numel()) for t in tensors]
-            grant_access({parent_pid})
+            grant_access("owner", {parent_pid})
         for i, t in enumerate(tensors):
             t.copy_(region_contents(i, t.numel()))
         conn.send(("ok", (os.getpid(), regions)))

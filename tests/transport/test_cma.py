@@ -59,21 +59,39 @@ def test_errno_mapping(monkeypatch, err, code):
         assert "/proc/sys/kernel/yama/ptrace_scope" in str(excinfo.value)
 
 
-def test_grant_access(monkeypatch, caplog):
+def test_grant_access_is_computed_for_the_whole_process(monkeypatch, caplog):
+    """Two engines' peers together: one named ptracer, kept stable; never "any process"
+    unless opted in; an engine leaving takes only its own peers away."""
     calls = []
     monkeypatch.setattr(_C, "allow_ptrace_from", calls.append)
     monkeypatch.setattr(cma, "_granted", None)
+    monkeypatch.setattr(cma, "_peers_of", {})
+    first, second = object(), object()
     with caplog.at_level(logging.INFO, logger="llm_datadist_torch.transport.cma"):
-        cma.grant_access({11})
-        cma.grant_access({11})  # unchanged: no second prctl
-        cma.grant_access({11, 12})
-        cma.grant_access(set())
-    assert calls == [11, -1, 0]
+        cma.grant_access(first, {11})
+        cma.grant_access(first, {11})  # unchanged: no second prctl
+        cma.grant_access(second, {12})  # two peers in the process: 11 stays named
+        cma.grant_access(first, set())  # the first engine goes: 12 alone is named
+        cma.grant_access(second, set())
+    assert calls == [11, 12, 0]
     assert any("11, 12" in record.getMessage() for record in caplog.records)
+
+
+def test_any_ptracer_only_when_opted_in(monkeypatch):
+    calls = []
+    monkeypatch.setattr(_C, "allow_ptrace_from", calls.append)
+    monkeypatch.setattr(cma, "_granted", None)
+    monkeypatch.setattr(cma, "_peers_of", {})
+    monkeypatch.setenv(cma.ANY_PTRACER_ENV, "1")
+    holder = object()
+    cma.grant_access(holder, {11, 12})
+    cma.grant_access(holder, set())
+    assert calls == [-1, 0]
 
 
 def test_grant_access_for_real():
     """Harmless whether or not Yama is present; ends with no ptracer named."""
-    cma.grant_access({os.getppid()})
-    cma.grant_access({os.getppid(), 1})
-    cma.grant_access(set())
+    holder = object()
+    cma.grant_access(holder, {os.getppid()})
+    cma.grant_access(holder, {os.getppid(), 1})
+    cma.grant_access(holder, set())
