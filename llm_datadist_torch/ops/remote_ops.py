@@ -161,12 +161,14 @@ def check_fence(link: Link, cache_id: int, fence: Fence, deadline: float) -> Non
             [TransferItem(region, offsets, word, torch.zeros(1, dtype=torch.int64),
                           torch.tensor([FENCE_BYTES], dtype=torch.int64))],
             max(deadline - time.monotonic(), 0.001))
-    except LLMException as exc:  # unreadable: the owner's table (or process) is gone
+    except LLMException as exc:  # unreadable: the owner (or its table) may be gone
         if exc.status_code == LLMStatusCode.LLM_TIMEOUT:
             raise
+        unreadable = exc
     else:
         if int(word.view(torch.int64)[0]) == fence.value:
             return
+        unreadable = None
     link.forget({cache_id})
     try:
         link.call(Ping(session=link.session), max(min(deadline - time.monotonic(), 1.0), 0.05))
@@ -178,6 +180,8 @@ def check_fence(link: Link, cache_id: int, fence: Fence, deadline: float) -> Non
                  "link again", link.cluster_id, cache_id)
         fail(LLMStatusCode.LLM_LINK_FAILED, "cluster %d does not answer (%s); nothing moved with "
              "its cache %d is used: link again once it is back", link.cluster_id, exc, cache_id)
+    if unreadable is not None:  # the owner is there: the read itself failed
+        raise unreadable
     fail(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, "cache %d of cluster %d went away (deallocated, "
          "unregistered or rebound) during or before the transfer; nothing moved with it is used",
          cache_id, link.cluster_id)

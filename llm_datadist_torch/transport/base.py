@@ -29,6 +29,7 @@ from ..memory.native import _C
 from ..memory.copy import (COPY_THREADS, SegmentBatch, SegmentRangeError, copy_batches,
                            item_index, refuse, region_table)
 from ..core.descriptors import Region
+from .. import faults
 from ..status import LLMStatusCode, fail
 
 logger = logging.getLogger(__name__)
@@ -232,6 +233,7 @@ class Transport(abc.ABC):
             fail(LLMStatusCode.LLM_TIMEOUT, "%s %s of %d bytes with peer pid %d: deadline passed "
                  "before the copy started", self.name, "write" if to_remote else "read", total,
                  self.peer.pid)
+        faults.before_copy(self.name)
         start = time.monotonic()
         self._transfer(items, segments, to_remote)
         elapsed = time.monotonic() - start

@@ -6,7 +6,8 @@ import time
 import pytest
 
 from helpers import link_in_process, raises_llm
-from llm_datadist_torch import (CacheDesc, CacheKey, DataType, LLMStatusCode, Placement, faults)
+from llm_datadist_torch import (BlocksCacheKey, CacheDesc, CacheKey, DataType, LLMStatusCode,
+                                Placement, faults)
 
 
 @pytest.fixture(autouse=True)
@@ -61,3 +62,20 @@ def test_bad_fault_rules_are_refused():
         faults.arm("copy.stall", "shm")  # needs seconds
     with pytest.raises(ValueError):
         faults.arm("copy.fail", "shm", count=0)
+
+
+def test_a_failed_copy_is_a_typed_error_and_the_next_pull_works(make_datadist):
+    owner = make_datadist(listen_ip_info="127.0.0.1:0")
+    puller = make_datadist()
+    link_in_process(puller, owner)
+    key = BlocksCacheKey(owner.cluster_id, 0)
+    source = owner.cache_manager.allocate_blocks_cache(
+        CacheDesc(2, [4, 64], DataType.DT_INT32, Placement.HOST), key)
+    for tensor in source.tensors:
+        tensor.fill_(5)
+    local = puller.cache_manager.allocate_blocks_cache(CacheDesc(2, [4, 64], DataType.DT_INT32))
+    faults.arm("copy.fail", "local", count=1)
+    with raises_llm(LLMStatusCode.LLM_FAILED):
+        puller.cache_manager.pull_blocks(key, local, [0, 1], [0, 1])
+    puller.cache_manager.pull_blocks(key, local, [0, 1], [0, 1])
+    assert bool((local.tensors[1][:2] == 5).all())
