@@ -20,7 +20,8 @@ import torch
 
 from llm_datadist_torch import (BlocksCacheKey, CacheDesc, CacheKey, CacheKeyByIdAndIndex, DataType,
                                 LayerSynchronizer, LLMConfig, LLMDataDist, LLMException, LLMRole,
-                                Placement, TransferConfig, TransferWithCacheKeyConfig)
+                                LLMStatusCode, Placement, TransferConfig,
+                                TransferWithCacheKeyConfig)
 
 from harness import serve
 from helpers import cluster_info, pattern, shm_files
@@ -78,6 +79,8 @@ class Agent:
         self.caches: Dict[str, object] = {}
         self.user_tensors: Dict[str, List[torch.Tensor]] = {}  # registered memory we own
         self.series = None
+        self.loops: Dict[str, tuple] = {}  # start_loop: id -> (threads, stop, state, lock)
+        self.guards: Dict[str, tuple] = {}  # memory given back, filled with a guard byte
 
     @property
     def manager(self):
@@ -385,6 +388,313 @@ class Agent:
 
     def settle(self, seconds: float) -> None:
         time.sleep(seconds)
+
+    # -- fault and soak tests (test_faults.py, test_soak.py) ----------------------------------
+    def proc_stats(self) -> dict:
+        """fds, OS threads (native ones included), Python threads, RSS in KiB and the library's
+        /dev/shm files of this process."""
+        rss_kb = 0
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmRSS:"):
+                    rss_kb = int(line.split()[1])
+        return {"fds": len(os.listdir("/proc/self/fd")),
+                "tasks": len(os.listdir("/proc/self/task")),
+                "threads": threading.active_count(), "rss_kb": rss_kb,
+                "shm": shm_files(os.getpid())}
+
+    def now(self) -> float:
+        """time.monotonic() here (CLOCK_MONOTONIC: the parent's clock too)."""
+        return time.monotonic()
+
+    def _rows(self, name: str) -> List[torch.Tensor]:
+        """Tensor views [slots, bytes per slot] (uint8) of cache `name`, taken now."""
+        return [t.reshape(t.shape[0], -1).view(torch.uint8) for t in self._tensors(name)]
+
+    def start_loop(self, loop_id: str, jobs: List[List[dict]], max_s: float = 30.0,
+                   stop_on_error: bool = False, pause_s: float = 0.0) -> None:
+        """One thread per entry of `jobs`, each running its ops round robin until `stop_loop`,
+        `max_s`, or (with `stop_on_error`) its first error. The manager and the local views are
+        taken once, at the start (a thread that keeps a CacheManager across `finalize`).
+
+        An op: {"op": "pull_blocks" | "pull_cache" | "push_blocks" | "push_cache", "spec": key
+        spec, "cache": local cache name, "args": [...], "kwargs": {...}} and, for a checked pull,
+        "expect": {"seed": the owner's fill seed, "shape": the owner's cache shape, "tensors":
+        [(remote tensor, local tensor), ...], "rows": [(remote row, local row), ...]}: the local
+        rows are poisoned (0x5A) before the call and compared with the owner's bytes after a
+        success. Everything is counted: successes, wrong bytes reported as success ("bad"),
+        errors by status name, untyped exceptions, the first error with its monotonic time,
+        the longest call.
+        """
+        manager = self.manager
+        stop = threading.Event()
+        lock = threading.Lock()
+        state = {"count": 0, "ok": 0, "bad": 0, "bad_detail": [], "errors": {}, "untyped": [],
+                 "first_error": None, "max_call_s": 0.0, "max_call_op": None, "last_ok_t": None,
+                 "per_op_ok": {}}
+        prepared = []
+        for ops in jobs:
+            mine = []
+            for op in ops:
+                entry = dict(op)
+                entry["key"] = _make_key(op["spec"])
+                entry["cache_obj"] = self.caches[op["cache"]]
+                expect = op.get("expect")
+                if expect is not None:
+                    local = self._rows(op["cache"])
+                    slots = expect["shape"][0]
+                    remote = [tensor_pattern(expect["seed"], r, tensor_bytes(expect["shape"]))
+                              .view(slots, -1) for r, _ in expect["tensors"]]
+                    entry["check"] = [(remote[k][src_row], local[l][dst_row])
+                                      for k, (_, l) in enumerate(expect["tensors"])
+                                      for src_row, dst_row in expect["rows"]]
+                mine.append(entry)
+            prepared.append(mine)
+
+        def note_error(exc, label, started, call_s):
+            code = getattr(exc, "status_code", None)
+            with lock:
+                if isinstance(exc, LLMException) and code is not None:
+                    name = LLMStatusCode(int(code)).name
+                    state["errors"][name] = state["errors"].get(name, 0) + 1
+                else:
+                    name = None
+                    if len(state["untyped"]) < 5:
+                        state["untyped"].append(f"{label}: {type(exc).__name__}: {exc}")
+                if state["first_error"] is None:
+                    state["first_error"] = {"status": name, "exc_type": type(exc).__name__,
+                                            "message": str(exc)[:300], "op": label,
+                                            "t": time.monotonic(), "started": started,
+                                            "call_s": call_s}
+
+        def run(ops):
+            deadline = time.monotonic() + max_s
+            index = 0
+            while not stop.is_set() and time.monotonic() < deadline:
+                entry = ops[index % len(ops)]
+                index += 1
+                label = f"{entry['op']}:{entry['cache']}"
+                for want, have in entry.get("check", ()):
+                    have.fill_(0x5A)
+                started = time.monotonic()
+                try:
+                    getattr(manager, entry["op"])(entry["key"], entry["cache_obj"],
+                                                  *entry.get("args", ()), **entry.get("kwargs", {}))
+                except Exception as exc:  # noqa: BLE001 - counted, the parent judges
+                    call_s = time.monotonic() - started
+                    note_error(exc, label, started, call_s)
+                    with lock:
+                        state["count"] += 1
+                        if call_s > state["max_call_s"]:
+                            state["max_call_s"], state["max_call_op"] = call_s, label
+                    if stop_on_error:
+                        return
+                    if pause_s:
+                        time.sleep(pause_s)
+                    continue
+                call_s = time.monotonic() - started
+                wrong = [k for k, (want, have) in enumerate(entry.get("check", ()))
+                         if not torch.equal(want, have)]
+                with lock:
+                    state["count"] += 1
+                    if call_s > state["max_call_s"]:
+                        state["max_call_s"], state["max_call_op"] = call_s, label
+                    if wrong:
+                        state["bad"] += 1
+                        if len(state["bad_detail"]) < 5:
+                            state["bad_detail"].append(f"{label}: {len(wrong)} rows differ "
+                                                       f"(first row pair {wrong[0]})")
+                    else:
+                        state["ok"] += 1
+                        state["last_ok_t"] = time.monotonic()
+                        state["per_op_ok"][label] = state["per_op_ok"].get(label, 0) + 1
+                if pause_s:
+                    time.sleep(pause_s)
+
+        threads = [threading.Thread(target=run, args=(ops,), daemon=True,
+                                    name=f"test-loop-{loop_id}-{n}")
+                   for n, ops in enumerate(prepared)]
+        self.loops[loop_id] = (threads, stop, state, lock)
+        for thread in threads:
+            thread.start()
+
+    def loop_status(self, loop_id: str) -> dict:
+        threads, _, state, lock = self.loops[loop_id]
+        with lock:
+            return {**state, "alive": sum(t.is_alive() for t in threads)}
+
+    def stop_loop(self, loop_id: str, timeout_s: float = 30.0) -> dict:
+        """Stop the loop and wait for its threads (bounded); its state and how many still run."""
+        threads, stop, state, lock = self.loops.pop(loop_id)
+        stop.set()
+        deadline = time.monotonic() + timeout_s
+        for thread in threads:
+            thread.join(max(deadline - time.monotonic(), 0))
+        with lock:
+            return {**state, "alive": sum(t.is_alive() for t in threads),
+                    "join_s": timeout_s - max(deadline - time.monotonic(), 0)}
+
+    def wait_loop(self, loop_id: str, timeout_s: float) -> dict:
+        """Wait for a loop that ends by itself (stop_on_error, max_s); as `stop_loop` if not."""
+        threads, _, _, _ = self.loops[loop_id]
+        deadline = time.monotonic() + timeout_s
+        for thread in threads:
+            thread.join(max(deadline - time.monotonic(), 0))
+        return self.stop_loop(loop_id, 0.0)
+
+    def unregister_keep(self, name: str, guard: int = 0xEE) -> dict:
+        """unregister_cache, then, once it returned, the caller's memory is "given back": fill it
+        with `guard` at once (kept here for `check_guard`)."""
+        tensors = self.user_tensors[name]
+        start = time.monotonic()
+        self.unregister(name)
+        returned = time.monotonic()
+        for tensor in tensors:
+            tensor.view(-1).view(torch.uint8).fill_(guard)
+        self.guards[name] = (tensors, guard)
+        return {"call_s": returned - start, "t": returned}
+
+    def deallocate_scribble(self, name: str, guard: int = 0xEE, within_s: float = 5.0) -> dict:
+        """deallocate the pool cache `name`, then allocate unkeyed caches of the same description
+        until they cover the memory it had (first fit hands it out again once it is really
+        free), each filled with `guard` at once; caches that land elsewhere are dropped again."""
+        cache = self.caches[name]
+        old = set(cache.tensor_addrs)
+        desc = cache.cache_desc
+        fresh = CacheDesc(desc.num_tensors, list(desc.shape), desc.data_type, desc.placement)
+        allocate = (self.manager.allocate_blocks_cache if cache.is_blocks_cache
+                    else self.manager.allocate_cache)
+        start = time.monotonic()
+        self.deallocate(name)
+        returned = time.monotonic()
+        covered, guarded, elsewhere = set(), [], []
+        deadline = returned + within_s
+        while not old <= covered and time.monotonic() < deadline:
+            try:
+                scribble = allocate(fresh)
+            except LLMException:  # full: the freed memory is still held (peers being told)
+                time.sleep(0.002)
+                continue
+            views = [self.manager.get_cache_tensors(scribble, i)[0].view(-1).view(torch.uint8)
+                     for i in range(desc.num_tensors)]
+            for view in views:
+                view.fill_(guard)
+            hit = old & set(scribble.tensor_addrs)
+            if hit:
+                covered |= hit
+                guarded.append((scribble, views))
+            else:
+                elsewhere.append(scribble)
+                if len(elsewhere) % 8 == 0:
+                    time.sleep(0.002)
+        reused_s = time.monotonic() - returned
+        for scribble in elsewhere:
+            self.manager.deallocate_blocks_cache(scribble) if scribble.is_blocks_cache \
+                else self.manager.deallocate_cache(scribble)
+        for index, (scribble, _) in enumerate(guarded):
+            self.caches[f"{name}.scribble{index}"] = scribble
+        self.guards[name] = ([v for _, views in guarded for v in views], guard)
+        return {"call_s": returned - start, "t": returned, "reused": old <= covered,
+                "reused_s": reused_s}
+
+    def guard_user_tensors(self, name: str, guard: int = 0xEE) -> None:
+        """Fill the caller-owned tensors of `name` (registered earlier; e.g. after finalize)."""
+        tensors = self.user_tensors[name]
+        for tensor in tensors:
+            tensor.view(-1).view(torch.uint8).fill_(guard)
+        self.guards[name] = (tensors, guard)
+
+    def check_guard(self, name: str) -> int:
+        """How many bytes of the memory guarded by `unregister_keep`/`deallocate_scribble`/
+        `guard_user_tensors` are no longer the guard byte."""
+        tensors, guard = self.guards[name]
+        return int(sum((t.reshape(-1).view(torch.uint8) != guard).sum() for t in tensors))
+
+    def keyed_batch(self, names: List[str], num_tensors: int, shape, seeds: List[int],
+                    req_ids: List[List[int]], deallocate: bool = True) -> None:
+        """Allocate one contiguous cache per name, its slots bound to CacheKey(this cluster,
+        req_ids[i][slot]), filled with seeds[i]; `deallocate`: then drop the handle at once (the
+        keys keep the cache, as the v1 connector does)."""
+        for name, seed, ids in zip(names, seeds, req_ids):
+            self.allocate(name, num_tensors, shape, seed,
+                          keys=[key("CacheKey", prompt_cluster_id=self.dd.cluster_id, req_id=r)
+                                for r in ids])
+            if deallocate:
+                self.deallocate(name)
+
+    def remove_keys_jittered(self, req_ids: List[int], max_delay_s: float, rng_seed: int,
+                             scribble_shape=None, num_tensors: int = 0, guard: int = 0xEE) -> dict:
+        """remove_cache_key of every request id, in the given order, after random pauses of up
+        to `max_delay_s`; with `scribble_shape`, after each removal an unkeyed cache of that
+        shape is allocated and filled with `guard` (memory a retired cache gave back is written
+        at once). The scribbles are deallocated at the end."""
+        import random
+        rng = random.Random(rng_seed)
+        scribbles = []
+        removed_at = []
+        for req_id in req_ids:
+            time.sleep(rng.random() * max_delay_s)
+            self.manager.remove_cache_key(
+                _make_key(key("CacheKey", prompt_cluster_id=self.dd.cluster_id, req_id=req_id)))
+            removed_at.append(time.monotonic())
+            if scribble_shape is not None:
+                try:
+                    cache = self.manager.allocate_cache(
+                        CacheDesc(num_tensors, list(scribble_shape), DTYPE, Placement.DEVICE))
+                except LLMException:
+                    continue  # the pool is full: what is left is still held (fine)
+                for index in range(num_tensors):
+                    view = self.manager.get_cache_tensors(cache, index)[0]
+                    view.view(-1).view(torch.uint8).fill_(guard)
+                scribbles.append(cache)
+        for cache in scribbles:
+            self.manager.deallocate_cache(cache)
+        return {"scribbles": len(scribbles)}
+
+    def pull_keys(self, owner_cluster: int, name: str, jobs: List[tuple], owner_shape,
+                  num_tensors: int, dst_slot: int = 0) -> dict:
+        """pull_cache(CacheKey(owner_cluster, req_id), name, dst_slot) for each (req_id, seed,
+        slot) of `jobs`: the destination slot is poisoned first, and a success must bring the
+        owner's slot `slot` of a cache filled with `seed`, byte for byte. Counts the outcomes."""
+        rows = self._rows(name)
+        cache = self.caches[name]
+        manager = self.manager
+        nbytes = tensor_bytes(owner_shape)
+        out = {"ok": 0, "bad": 0, "bad_detail": [], "errors": {}, "untyped": [], "max_call_s": 0.0,
+               "max_error_s": 0.0}
+        for req_id, seed, slot in jobs:
+            for row in rows:
+                row[dst_slot].fill_(0x5A)
+            started = time.monotonic()
+            try:
+                manager.pull_cache(CacheKey(owner_cluster, req_id), cache, dst_slot)
+            except LLMException as exc:
+                name_ = LLMStatusCode(int(exc.status_code)).name
+                if "went away" in str(exc):  # resolved, then gone before the fence was read again
+                    name_ += " (after resolve)"
+                out["errors"][name_] = out["errors"].get(name_, 0) + 1
+                out["max_error_s"] = max(out["max_error_s"], time.monotonic() - started)
+                continue
+            except Exception as exc:  # noqa: BLE001 - reported
+                out["untyped"].append(f"req {req_id}: {type(exc).__name__}: {exc}")
+                out["max_error_s"] = max(out["max_error_s"], time.monotonic() - started)
+                continue
+            finally:
+                out["max_call_s"] = max(out["max_call_s"], time.monotonic() - started)
+            wrong = []
+            for index, row in enumerate(rows):
+                want = tensor_pattern(seed, index, nbytes).view(owner_shape[0], -1)[slot]
+                if not torch.equal(row[dst_slot][:want.numel()], want):
+                    wrong.append(index)
+            if wrong:
+                out["bad"] += 1
+                if len(out["bad_detail"]) < 5:
+                    sample = rows[wrong[0]][dst_slot][:8].tolist()
+                    out["bad_detail"].append(f"req {req_id}: tensors {wrong} differ, first bytes "
+                                             f"{sample}")
+            else:
+                out["ok"] += 1
+        return out
 
 
 def agent(conn) -> None:
