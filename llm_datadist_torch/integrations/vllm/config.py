@@ -10,6 +10,9 @@ from dataclasses import dataclass, fields
 from typing import Any, Dict, Optional
 
 ANY_HOST = ("", "0.0.0.0", "::")
+# The integration logs under vLLM's logger ("vllm.llm_datadist_torch.integrations.vllm.<module>"),
+# so its records reach vLLM's handlers at vLLM's level, in every vLLM process.
+LOGGER_PREFIX = "vllm."
 TRANSFER_BACKENDS = ("", "hixl", "local", "shm", "cma", "mooncake")
 
 

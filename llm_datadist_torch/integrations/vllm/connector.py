@@ -21,6 +21,7 @@ from .worker import WorkerHalf
 ROLES = {"kv_producer": (True, False), "kv_consumer": (False, True), "kv_both": (True, True)}
 
 
+
 class LLMDataDistConnector(KVConnectorBase_V1):
     """Prefill/decode disaggregation over `LLMDataDist` pulls.
 

@@ -19,7 +19,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Set
 
-logger = logging.getLogger(__name__)
+from .config import LOGGER_PREFIX
+
+logger = logging.getLogger(LOGGER_PREFIX + __name__)
 
 ALL_RANKS = -1
 

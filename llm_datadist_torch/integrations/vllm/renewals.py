@@ -11,10 +11,11 @@ import threading
 import time
 from typing import Dict, List, Optional, Tuple
 
+from .config import LOGGER_PREFIX
 from .leases import ALL_RANKS
 from .side_channel import Release, Renew, RenewReply, SideChannelClient, SideChannelError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(LOGGER_PREFIX + __name__)
 
 Address = Tuple[str, int]
 

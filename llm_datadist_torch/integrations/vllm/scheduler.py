@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from vllm.v1.request import RequestStatus
 
-from .config import ConnectorConfig
+from .config import LOGGER_PREFIX, ConnectorConfig
 from .leases import LeaseTable
 from .metadata import ConnectorMetadata, RecvJob, WorkerHandshake
 from .renewals import LeaseKeeper
@@ -29,7 +29,7 @@ from .side_channel import (ErrorReply, Hello, HelloReply, Release, ReleaseReply,
                            RenewReply, SideChannelServer, Status, StatusReply, WorkerInfo)
 from .stats import TransferStats
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(LOGGER_PREFIX + __name__)
 
 REQUIRED = ("remote_engine_id", "remote_request_id", "remote_host", "remote_port",
             "remote_block_ids", "lease_token")

@@ -25,9 +25,10 @@ from typing import Callable, Dict, List, Optional, Union
 import msgspec
 import zmq
 
+from .config import LOGGER_PREFIX
 from .geometry import Geometry
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(LOGGER_PREFIX + __name__)
 
 MAX_MESSAGE_BYTES = 1 << 20
 

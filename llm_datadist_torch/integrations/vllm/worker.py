@@ -30,7 +30,8 @@ import torch
 from llm_datadist_torch import (BlocksCacheKey, CacheDesc, DataType, LLMClusterInfo, LLMConfig,
                                 LLMDataDist, LLMException, LLMRole, LLMStatusCode, Placement)
 
-from .config import ConnectorConfig, cluster_id_of, free_port, local_address_towards
+from .config import (LOGGER_PREFIX, ConnectorConfig, cluster_id_of, free_port,
+                     local_address_towards)
 from .geometry import Geometry, GeometryMismatch, check_compatible
 from .kv_tensors import group_by_block_bytes, split_kv_caches
 from .metadata import ConnectorMetadata, RecvJob, WorkerHandshake
@@ -38,7 +39,7 @@ from .side_channel import (Hello, HelloReply, Release, ReleaseReply, SideChannel
                            SideChannelError, WorkerInfo)
 from .stats import TransferStats
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(LOGGER_PREFIX + __name__)
 
 PeerKey = Tuple[str, str, int]  # engine id, side-channel host, side-channel port
 LINKED = (LLMStatusCode.LLM_SUCCESS, LLMStatusCode.LLM_ALREADY_LINK)
