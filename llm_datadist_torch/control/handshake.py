@@ -249,6 +249,7 @@ class Handshake:
             if asked.proof is not None:
                 link.start_time = identity.start_time(link.peer.pid)
                 link.peer = dataclasses.replace(link.peer, same_host=True)
+                link.routes.clear()  # worked out with the peer as it was
         self._links.grant_access()
         return Ack()
 
@@ -260,6 +261,7 @@ class Handshake:
             link.peer = dataclasses.replace(link.peer, mooncake_endpoint=request.endpoint,
                                             mooncake_agent=agent)
             stale = link.transports.pop("mooncake", None)
+            link.routes.clear()  # worked out with the peer as it was
         if stale is not None:
             stale.close()
         return MooncakeEndpoint(session=b"", endpoint=agent.endpoint)

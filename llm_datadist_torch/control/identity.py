@@ -116,6 +116,17 @@ def verify_proof(direction: bytes, challenge: bytes, pid: int, name: str,
     return True, ""
 
 
+def pid_exists(pid: int) -> bool:
+    """Whether `pid` names a process (a zombie still does: `start_time` tells them apart)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 def start_time(pid: int) -> Optional[int]:
     """The start time of `pid` (clock ticks since boot), or None if it is gone: a pid whose
     start time changed is another process (pid reuse)."""
@@ -124,5 +135,9 @@ def start_time(pid: int) -> Optional[int]:
             stat = f.read()
     except OSError:
         return None
-    # Field 22; the command name (field 2) may hold spaces and parentheses: split after it.
-    return int(stat.rsplit(b")", 1)[1].split()[19])
+    # Fields 3 (state) and 22; the command name (field 2) may hold spaces and parentheses:
+    # split after it. A zombie (killed, not yet reaped) is gone too.
+    fields = stat.rsplit(b")", 1)[1].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])

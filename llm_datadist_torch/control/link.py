@@ -7,7 +7,7 @@ import dataclasses
 import socket
 import threading
 import time
-from typing import Dict, Optional, Set
+from typing import Dict, Optional, Set, Tuple
 
 import msgspec
 
@@ -18,9 +18,12 @@ from ..status import LLMException, LLMStatusCode, fail
 from ..transport import choose_transport
 from ..transport.base import Peer, Transport
 from ..transport.bounce import BounceBuffer
-from .identity import start_time
+from .identity import pid_exists, start_time
 from .messages import Message, Resolved
 from .rpc_client import RpcClient
+
+
+ALIVE_CHECK_S = 0.1
 
 
 @dataclasses.dataclass(eq=False)
@@ -37,11 +40,16 @@ class Link:
     broken: bool = False
     authenticated: bool = True  # False until a peer that must authenticate has (handshake.py)
     cma_refused: bool = False  # the owner could not let us attach (transport/cma.py)
+    _alive_at: float = -1.0  # when check_alive last looked at the peer's process
     last_used: float = dataclasses.field(default_factory=time.monotonic)  # a request either way
     transports: Dict[str, Transport] = dataclasses.field(default_factory=dict)
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     # Requester side: owner answers kept for keys that need no release (see ops/remote_ops.py).
     descriptors: Dict[tuple, Resolved] = dataclasses.field(default_factory=dict)
+    # Requester side: per answer (cache id, fence value), per remote tensor, the region as the
+    # transports may use it and its transport: worked out once, not per call.
+    routes: Dict[tuple, Dict[int, Tuple[Region, Transport]]] = dataclasses.field(
+        default_factory=dict)
     # Owner side: cache ids whose answers this peer may have kept.
     exported: Set[int] = dataclasses.field(default_factory=set)
     # Requester side: one staged transfer at a time uses the owner's staging area.
@@ -67,10 +75,12 @@ class Link:
                  self.cluster_id, "broken by an earlier failure" if self.broken else "one-way")
 
     def call(self, request: Message, timeout_s: float) -> Message:
-        self.ensure_usable()
+        """A request to the peer; a same-host peer that dies meanwhile fails it at once
+        (`LLM_LINK_FAILED`) instead of at the deadline."""
+        self.check_alive()
         self.last_used = time.monotonic()
         try:
-            return self.rpc.call(request, max(timeout_s, 0.001))
+            return self.rpc.call(request, max(timeout_s, 0.001), alive=self._alive_check)
         except LLMException as exc:
             if exc.status_code == LLMStatusCode.LLM_TIMEOUT and getattr(exc, "sent", True):
                 self.broken = True  # spec §26.26: a timed-out link must be re-linked
@@ -90,6 +100,8 @@ class Link:
         with self.lock:
             for key in [k for k, reply in self.descriptors.items() if reply.cache_id in cache_ids]:
                 del self.descriptors[key]
+            for key in [k for k in self.routes if k[0] in cache_ids]:
+                del self.routes[key]
         with self.settled:
             return self.settled.wait_for(
                 lambda: not any(self.in_flight.get(c) for c in cache_ids), wait_s)
@@ -112,13 +124,27 @@ class Link:
 
     def check_alive(self) -> None:
         """A same-host peer that died (or whose pid now names another process) fails the next
-        one-sided copy at once, with no round trip."""
+        one-sided copy at once, with no round trip: its pid is looked up every time, its start
+        time (pid reuse) once per `ALIVE_CHECK_S` at most."""
         self.ensure_usable()
-        if self.peer.same_host and not self.peer.same_process \
-                and start_time(self.peer.pid) != self.start_time:
+        if not self.peer.same_host or self.peer.same_process:
+            return
+        now = time.monotonic()
+        if now - self._alive_at < ALIVE_CHECK_S:
+            gone = not pid_exists(self.peer.pid)  # a syscall; the start time needs a file read
+        else:
+            self._alive_at = now
+            gone = start_time(self.peer.pid) != self.start_time
+        if gone:
             self.broken = True
             fail(LLMStatusCode.LLM_LINK_FAILED, "cluster %d (pid %d) is gone; link again once it "
                  "is back", self.cluster_id, self.peer.pid)
+
+    @property
+    def _alive_check(self):
+        if self.peer.same_host and not self.peer.same_process:
+            return self.check_alive
+        return None
 
     def shm_allowed(self, region: Region) -> Region:
         """`region` as the transports may use it: a /dev/shm file only if it is one of the peer's
@@ -130,6 +156,18 @@ class Link:
     @property
     def shm_prefix(self) -> str:
         return f"{SHM_PREFIX}.{self.peer.pid}.{PID_NAMESPACE}." if self.peer.same_host else "\0"
+
+    def route(self, key: tuple, index: int, region: Region) -> Tuple[Region, Transport]:
+        """`region` (tensor `index` of the answer `key`) as the transports may use it, and its
+        transport; worked out at the first use of the answer."""
+        routes = self.routes.get(key)
+        found = routes.get(index) if routes is not None else None
+        if found is None:
+            allowed = self.shm_allowed(region)
+            found = (allowed, self.transport_for(allowed))
+            with self.lock:
+                self.routes.setdefault(key, {})[index] = found
+        return found
 
     def transport_for(self, region: Region) -> Transport:
         """The transport for `region` (already passed through `shm_allowed`)."""
@@ -143,6 +181,7 @@ class Link:
     def close(self) -> None:
         with self.lock:
             transports, self.transports = list(self.transports.values()), {}
+            self.routes.clear()
         for transport in transports:
             transport.close()
         if self.rpc is not None:

@@ -17,7 +17,7 @@ import math
 import struct
 import threading
 import time
-from typing import Deque, List
+from typing import Callable, Deque, List, Optional
 
 import zmq
 
@@ -34,6 +34,7 @@ _ID = struct.Struct("<Q")
 _MAX_WAIT_MS = 2**31 - 1  # zmq timeouts are int32 milliseconds
 _RECONNECT_IVL_MS = 20  # a server that starts late is found within ~20 ms ...
 _RECONNECT_IVL_MAX_MS = 200  # ... backing off to 5 attempts/s while it stays away
+ALIVE_POLL_MS = 100  # how often a call with a liveness check looks at its peer while waiting
 _NEW = object()  # handed to a waiter instead of a socket: "open a new connection"
 
 
@@ -67,8 +68,12 @@ class RpcClient:
     def endpoint(self) -> str:
         return self._endpoint
 
-    def call(self, request: Message, timeout_s: float) -> Message:
+    def call(self, request: Message, timeout_s: float,
+             alive: Optional[Callable[[], None]] = None) -> Message:
         """Send `request`, return its reply; every wait ends by ``now + timeout_s``.
+
+        `alive`, if given, is asked every `ALIVE_POLL_MS` while the reply is awaited and raises
+        when the peer is known to be gone (the call then fails at once, not at the deadline).
 
         Raises LLMException: the server's code for an `ErrorReply`; LLM_TIMEOUT when the
         server cannot be reached or does not answer in time; LLM_LINK_FAILED /
@@ -86,7 +91,7 @@ class RpcClient:
         reusable = True
         try:
             self._send(sock, request_id, payload, deadline, timeout_s)
-            data = self._receive(sock, request_id, deadline, timeout_s)
+            data = self._receive(sock, request_id, deadline, timeout_s, alive)
             try:
                 reply = codec.decode(data)
             except LLMException as exc:
@@ -219,12 +224,19 @@ class RpcClient:
         except zmq.Again:
             raise self._timeout(timeout_s, "could not connect") from None
 
-    def _receive(self, sock, request_id: bytes, deadline: float, timeout_s: float) -> bytes:
+    def _receive(self, sock, request_id: bytes, deadline: float, timeout_s: float,
+                 alive: Optional[Callable[[], None]]) -> bytes:
         while True:
-            sock.setsockopt(zmq.RCVTIMEO, _wait_ms(deadline))
+            wait_ms = _wait_ms(deadline)
+            if alive is not None:
+                wait_ms = min(wait_ms, ALIVE_POLL_MS)
+            sock.setsockopt(zmq.RCVTIMEO, wait_ms)
             try:
                 frames = sock.recv_multipart()
             except zmq.Again:
+                if alive is not None and time.monotonic() < deadline:
+                    alive()
+                    continue
                 raise self._timeout(timeout_s, "no reply") from None
             if len(frames) == 2 and frames[0] == request_id:
                 return frames[1]

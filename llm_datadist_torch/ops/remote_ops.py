@@ -10,14 +10,12 @@ import time
 from collections import defaultdict
 from typing import Sequence, Tuple
 
-import torch
 
 from ..core.cache_table import CacheEntry
 from ..core.engine import Engine
 from ..control.links import Link
 from ..control.messages import Ping, Release, Resolve, Resolved
 from ..core.descriptors import Fence
-from ..core.fences import WORD_BYTES as FENCE_BYTES
 from ..core.plan import build_plan
 from ..enums import Placement
 from ..status import LLMException, LLMStatusCode, fail, raise_if_false
@@ -134,10 +132,11 @@ def _one_sided(engine: Engine, link: Link, cache_id: int, fence: Fence, regions,
         by_transport = defaultdict(list)
         for src_index, dst_index in plan.pairs:
             remote_index, local_index = (src_index, dst_index) if pulling else (dst_index, src_index)
-            region = link.shm_allowed(regions[remote_index])
-            item = TransferItem(region, remote_offsets, local.raw[local_index], local_offsets,
-                                plan.lengths)
-            by_transport[link.transport_for(region)].append(item)
+            region, transport = link.route((cache_id, fence.value), remote_index,
+                                           regions[remote_index])
+            by_transport[transport].append(TransferItem(region, remote_offsets,
+                                                        local.raw[local_index], local_offsets,
+                                                        plan.lengths))
         check_fence(link, cache_id, fence, deadline)  # nothing moves with a stale answer
         for transport, items in by_transport.items():
             remaining = deadline - time.monotonic()
@@ -149,24 +148,22 @@ def _one_sided(engine: Engine, link: Link, cache_id: int, fence: Fence, regions,
     return moved
 
 
+FENCE_ROUTE = ("fence",)  # the owner's fence table: one region for all its caches
+
+
 def check_fence(link: Link, cache_id: int, fence: Fence, deadline: float) -> None:
     """Read the owner's fence word of `cache_id` one-sidedly; anything but `fence.value` means
     what we were told about the cache no longer holds: `LLM_NOT_YET_LINK` if the owner no
     longer holds the link (it restarted or unlinked), else `LLM_KV_CACHE_NOT_EXIST`."""
-    region = link.shm_allowed(fence.region)
-    word = torch.zeros(FENCE_BYTES, dtype=torch.uint8)
-    offsets = torch.tensor([fence.offset], dtype=torch.int64)
+    region, transport = link.route(FENCE_ROUTE, 0, fence.region)
     try:
-        link.transport_for(region).read(
-            [TransferItem(region, offsets, word, torch.zeros(1, dtype=torch.int64),
-                          torch.tensor([FENCE_BYTES], dtype=torch.int64))],
-            max(deadline - time.monotonic(), 0.001))
+        value = transport.read_word(region, fence.offset, max(deadline - time.monotonic(), 0.001))
     except LLMException as exc:  # unreadable: the owner (or its table) may be gone
         if exc.status_code == LLMStatusCode.LLM_TIMEOUT:
             raise
         unreadable = exc
     else:
-        if int(word.view(torch.int64)[0]) == fence.value:
+        if value == fence.value:
             return
         unreadable = None
     link.forget({cache_id})

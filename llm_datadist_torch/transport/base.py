@@ -17,6 +17,7 @@ positive timeout completes and is logged, not failed: its bytes are already in p
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -33,6 +34,8 @@ from .. import faults
 from ..status import LLMStatusCode, fail
 
 logger = logging.getLogger(__name__)
+
+WORD_BYTES = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,8 +135,13 @@ def check_items(peer: Peer, items: Sequence[TransferItem]) -> Segments:
     """Check what the native calls need of every item before any memory is touched: a
     contiguous 1-D uint8 local tensor, and 1-D int64 CPU offsets and lengths of one length
     (-> `LLM_PARAM_INVALID`). The ranges themselves are checked by the native copy."""
+    plans = set()  # items usually share one plan's offset and length tensors: check each once
     for item in items:
-        _check_item_shapes(peer, item)
+        _check_local(peer, item)
+        plan = (id(item.remote_offsets), id(item.local_offsets), id(item.lengths))
+        if plan not in plans:
+            _check_segment_tensors(peer, item)
+            plans.add(plan)
     counts = [item.lengths.numel() for item in items]
     if not items:
         empty = torch.empty(0, dtype=torch.int64)
@@ -148,12 +156,15 @@ def _cat(tensors: List[torch.Tensor]) -> torch.Tensor:
     return tensors[0] if len(tensors) == 1 else torch.cat(tensors)
 
 
-def _check_item_shapes(peer: Peer, item: TransferItem) -> None:
+def _check_local(peer: Peer, item: TransferItem) -> None:
     local = item.local
     if local.dtype != torch.uint8 or local.dim() != 1 or not local.is_contiguous():
         fail(LLMStatusCode.LLM_PARAM_INVALID,
              "local tensor must be a contiguous 1-D uint8 tensor, got %s %s (%s)",
              local.dtype, tuple(local.shape), _describe(peer, item.region))
+
+
+def _check_segment_tensors(peer: Peer, item: TransferItem) -> None:
     n = item.lengths.numel()
     for name in ("remote_offsets", "local_offsets", "lengths"):
         t = getattr(item, name)
@@ -205,14 +216,37 @@ class Transport(abc.ABC):
                 self._cond.wait()
         self._release()
 
+    def read_word(self, region: Region, offset: int, timeout_s: Optional[float]) -> int:
+        """The little-endian int64 at byte `offset` of `region` (a fence word)."""
+        if not 0 <= offset <= region.nbytes - WORD_BYTES:
+            fail(LLMStatusCode.LLM_PARAM_INVALID, "word at %d outside %s", offset,
+                 self.describe(region))
+        with self._in_use():
+            return self._read_word(region, offset, timeout_s)
+
+    def _read_word(self, region: Region, offset: int, timeout_s: Optional[float]) -> int:
+        """(In use, `offset` checked.) Backends with a cheaper way than a copy override this."""
+        word = torch.zeros(WORD_BYTES, dtype=torch.uint8)
+        self._checked_transfer(
+            [TransferItem(region, torch.tensor([offset], dtype=torch.int64), word,
+                          torch.zeros(1, dtype=torch.int64),
+                          torch.tensor([WORD_BYTES], dtype=torch.int64))], timeout_s, False)
+        return int(word.view(torch.int64)[0])
+
     def _run(self, items: Sequence[TransferItem], timeout_s: Optional[float], to_remote: bool) -> int:
+        with self._in_use():
+            return self._checked_transfer(list(items), timeout_s, to_remote)
+
+    @contextlib.contextmanager
+    def _in_use(self):
+        """One operation in flight: `close()` waits for it."""
         with self._cond:
             if self._closed:
                 fail(LLMStatusCode.LLM_NOT_YET_LINK, "%s transport to peer pid %d is closed",
                      self.name, self.peer.pid)
             self._active += 1
         try:
-            return self._checked_transfer(list(items), timeout_s, to_remote)
+            yield
         finally:
             with self._cond:
                 self._active -= 1

@@ -1,6 +1,7 @@
 """`local`: both ends of the link live in this process, so the remote memory is just memory."""
 from __future__ import annotations
 
+import ctypes
 from typing import List
 
 from ..core.descriptors import Region
@@ -17,6 +18,12 @@ class LocalTransport(Transport):
     @classmethod
     def can_serve(cls, peer: Peer, region: Region) -> bool:
         return peer.same_process
+
+    def _read_word(self, region: Region, offset: int, timeout_s) -> int:
+        if region.device != "cpu":
+            return super()._read_word(region, offset, timeout_s)
+        # Memory of this process that a proven same-process peer named: a fence word.
+        return ctypes.c_int64.from_address(region.address + offset).value
 
     def _transfer(self, items: List[TransferItem], segments: Segments, to_remote: bool) -> None:
         devices = {item.region.device for item in items}

@@ -39,6 +39,9 @@ class _Mapping:
         self.address = ctypes.addressof(view)
         del view
 
+    def read_word(self, offset: int) -> int:
+        return int.from_bytes(self._mmap[offset:offset + 8], "little", signed=True)
+
     def close(self) -> None:
         self._mmap.close()
 
@@ -62,6 +65,10 @@ class ShmTransport(Transport):
     def _transfer(self, items: List[TransferItem], segments: Segments, to_remote: bool) -> None:
         bases = [self._mapping(item.region).address + item.region.shm_offset for item in items]
         copy_by_address(items, segments, bases, "cpu", to_remote)
+
+    def _read_word(self, region: Region, offset: int, timeout_s) -> int:
+        mapping = self._mapping(region)  # checks that the region lies inside the file
+        return mapping.read_word(region.shm_offset + offset)
 
     def _mapping(self, region: Region) -> _Mapping:
         name = region.shm_name

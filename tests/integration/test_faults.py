@@ -167,7 +167,7 @@ def test_owner_killed_during_pulls_fails_fast_and_heals(harness):
     kept = d.call("wait_loop", "kept", 20, timeout=30)
     rt = d.call("wait_loop", "rt", 20, timeout=30)
     assert_clean_loop(kept, LINK_CODES, "one-sided pulls")
-    assert_clean_loop(rt, LINK_CODES | {"LLM_TIMEOUT"}, "round-trip pulls")
+    assert_clean_loop(rt, LINK_CODES, "round-trip pulls")
     kept_s = kept["first_error"]["t"] - killed
     rt_s = rt["first_error"]["t"] - killed
     record("kill owner: one-sided pulls in flight (shm+cma)",
@@ -183,10 +183,8 @@ def test_owner_killed_during_pulls_fails_fast_and_heals(harness):
         fresh[kind] = (code, seconds)
         record(f"kill owner: later {kind} pull", code, seconds)
     assert kept["first_error"]["status"] in LINK_CODES
-    # Typed and bounded by the deadline; that it is not fast (a full sync_kv_timeout, then
-    # LLM_TIMEOUT) is the bug pinned by test_round_trip_in_flight_when_the_owner_dies_fails_fast.
-    assert next_code in LINK_CODES | {"LLM_TIMEOUT"}, next_code
-    assert next_s < SYNC_TIMEOUT_MS / 1000 + 1.0, next_s
+    # A same-host owner that died fails round trips at once, never at their deadline.
+    assert next_code in LINK_CODES and next_s < FAST_S, (next_code, next_s)
     assert kept_s < FAST_S, f"one-sided pulls failed {kept_s:.2f} s after the kill"
     for kind, (code, seconds) in fresh.items():
         assert code in LINK_CODES and seconds < FAST_S, (kind, code, seconds)
@@ -212,13 +210,6 @@ def test_owner_killed_during_pulls_fails_fast_and_heals(harness):
     assert_no_shm_files(d.pid)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a round trip (Resolve of a request key) in flight when a same-host owner is SIGKILLed waits "
-    "for the whole sync_kv_timeout and ends with LLM_TIMEOUT: RpcClient._receive blocks on "
-    "recv_multipart until the deadline and nothing checks the peer's liveness meanwhile "
-    "(Link.check_alive runs only on the kept-answer path of ops/remote_ops._resolve, the reaper "
-    "drops the link after ~1 s but link.close() leaves busy sockets waiting); README 'Healing' "
-    "promises a fast failure naming the peer"))
 def test_round_trip_in_flight_when_the_owner_dies_fails_fast(harness):
     pair = start_pair(harness, decoder_kwargs={"sync_kv_timeout": 4000})  # still > FAST_S
     owner_caches(pair.p, pair.pid)
@@ -334,11 +325,6 @@ def _proc_state(pid: int) -> str:
         return stat.read().rsplit(")", 1)[1].split()[0]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a SIGKILLed requester that its parent has not reaped yet (a zombie) keeps its link and the "
-    "owner's 64 MiB staging area until it is reaped: control/liveness.process_gone relies on "
-    "identity.start_time(pid), which still reads /proc/<pid>/stat of the zombie (state Z, same "
-    "start time), so the reaper never drops the link"))
 def test_staging_area_of_a_killed_unreaped_requester_is_freed_within_seconds(harness):
     p = harness.spawn(agent, name="owner")
     d = harness.spawn(agent, name="requester-staged",
@@ -365,11 +351,6 @@ def test_staging_area_of_a_killed_unreaped_requester_is_freed_within_seconds(har
     assert not _staging(p.pid), f"staging area still there {freed_s:.1f} s after the kill"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a SIGKILLed owner that its parent has not reaped yet (a zombie) is taken for alive: "
-    "Link.check_alive compares identity.start_time(pid), which a zombie still has, so a pull "
-    "through a kept answer over shm succeeds from the dead owner's memory (cma gets ESRCH: "
-    "LLM_LINK_FAILED), and a round trip waits for the whole sync_kv_timeout (LLM_TIMEOUT)"))
 def test_killed_unreaped_owner_fails_the_next_pull_fast(harness):
     pair = start_pair(harness)
     owner_caches(pair.p, pair.pid)
