@@ -1,5 +1,5 @@
 """`python -m llm_datadist_torch.bench [--suite NAME] [--json] [--total-mib N] [--repeats R]
-[--report [--out PREFIX] [--peers LIST]]`.
+[--tensors LIST] [--model-calls N] [--report [--out PREFIX] [--peers LIST]]`.
 
 Exit status: 0 when every suite ran, 1 when a suite or a peer moved wrong bytes (`DataMismatch`).
 """
@@ -20,6 +20,7 @@ from .common import DataMismatch
 SUITES = {
     "local": "llm_datadist_torch.bench.local_ops",
     "transfer": "llm_datadist_torch.bench.transfer",
+    "model": "llm_datadist_torch.bench.model",
 }
 PEER_NAMES = ("nixl", "mooncake-te")  # keys of peers.PEERS, listed here to keep --help light
 
@@ -31,6 +32,16 @@ def _peer_list(text: str) -> List[str]:
         raise argparse.ArgumentTypeError(f"unknown peer {', '.join(unknown)} "
                                          f"(choose from {', '.join(PEER_NAMES)}, or none)")
     return names
+
+
+def _counts(text: str) -> List[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers separated by commas: {text}")
+    return values
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -54,10 +65,17 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser.add_argument("--peers", type=_peer_list, metavar="LIST",
                         help="with --report: comma-separated peer engines to run on the same "
                              f"workload ({','.join(PEER_NAMES)}) or none (default: all when the "
-                             "transfer suite runs, else none)")
+                             "transfer or model suite runs, else none)")
+    model = parser.add_argument_group("model suite (one pull_blocks of k blocks of every tensor)")
+    model.add_argument("--tensors", type=_counts, metavar="LIST",
+                       help="tensor counts of the model-shaped caches (default: 2,64,160: the "
+                            "reference, K and V of 32 and of 80 layers); the fits need two")
+    model.add_argument("--model-calls", type=int, default=0, metavar="N",
+                       help="timed calls per shape (default: 200 for k=1, 50 for k=16, fewer "
+                            "where they would move over 2 GiB, at least 10)")
     args = parser.parse_args(argv)
-    if args.total_mib < 1 or args.repeats < 1:
-        parser.error("--total-mib and --repeats must be at least 1")
+    if args.total_mib < 1 or args.repeats < 1 or args.model_calls < 0:
+        parser.error("--total-mib and --repeats must be at least 1, --model-calls at least 0")
     return args
 
 
@@ -85,6 +103,23 @@ def _ceiling(rows: List[dict]) -> Dict[int, float]:
     return {block: statistics.median(v) for block, v in values.items()}
 
 
+def _model_peers(peer_names: List[str], args, rows: List[dict], statuses: List[dict]
+                 ) -> List[dict]:
+    """The peers on the model suite's shapes: their rows, stamped with the memcpy of the same
+    shape from `rows`, and their fits; their statuses go into `statuses`."""
+    from . import model, model_shapes, peers
+
+    print(f"bench: running the peers {', '.join(peer_names)} on the model shapes",
+          file=sys.stderr, flush=True)
+    peer_rows, peer_statuses = peers.run_model(peer_names, model.shapes_of(args),
+                                               args.model_calls)
+    statuses += peer_statuses
+    anchors = [row for row in rows if row.get("suite") == "model" and "p50_us" in row
+               and row.get("transport") == "memcpy"]
+    model_shapes.stamp_memcpy(anchors + peer_rows)
+    return peer_rows + model_shapes.fit_rows(peer_rows)
+
+
 def _report(args, names: List[str], command: str) -> int:
     from . import peers, plot  # noqa: F401 -- plot imports matplotlib only when drawing
 
@@ -93,13 +128,15 @@ def _report(args, names: List[str], command: str) -> int:
     if rows is None:
         return 1
     peer_names = args.peers if args.peers is not None else (
-        list(PEER_NAMES) if "transfer" in names else [])
+        list(PEER_NAMES) if {"transfer", "model"} & set(names) else [])
     statuses: List[dict] = []
-    if peer_names:
+    if peer_names and ("transfer" in names or "model" not in names):  # the transfer workload
         print(f"bench: running the peers {', '.join(peer_names)}", file=sys.stderr, flush=True)
         peer_rows, statuses = peers.run(peer_names, args.total_mib << 20, args.repeats,
                                         _ceiling(rows))
         rows += peer_rows
+    if peer_names and "model" in names:
+        rows += _model_peers(peer_names, args, rows, statuses)
     meta["load_average_end"] = report.machine_info()["load_average"]
 
     report.emit(rows, as_json=args.json)
@@ -114,6 +151,8 @@ def _report(args, names: List[str], command: str) -> int:
     notes, image = [], ""
     title = (f"llm_datadist_torch: GB/s against block size, "
              f"{report.human_bytes(args.total_mib << 20)} per call, median of {args.repeats}")
+    if names == ["model"]:
+        title = "llm_datadist_torch: model-shaped pulls (k blocks of every tensor per call)"
     subtitle = (f"{meta['cpu']}, nproc {meta['nproc']}, torch {meta['torch']}, {meta['date']}, "
                 f"load average {meta['load_average'].split()[0]} at start")  # a shared host?
     try:

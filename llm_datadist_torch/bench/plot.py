@@ -1,4 +1,5 @@
-"""The report's PNG: GB/s against block size, one line per transport and op, memcpy on top.
+"""The report's PNG: GB/s against block size, one line per transport and op, memcpy on top; and
+the model suite's p50 per call against the tensor count.
 
 matplotlib (Agg, no display needed) is imported only here; without it `write_png` raises
 `PlotUnavailable` saying how to install it, and the report goes on without the picture.
@@ -6,7 +7,8 @@ matplotlib (Agg, no display needed) is imported only here; without it `write_png
 from __future__ import annotations
 
 import statistics
-from typing import Dict, List, Tuple
+from functools import partial
+from typing import Callable, Dict, List, Tuple
 
 from .report import human_bytes
 
@@ -22,22 +24,60 @@ class PlotUnavailable(RuntimeError):
     pass
 
 
-def _panels(rows: List[dict]) -> List[Tuple[str, str, List[dict]]]:
-    """(title, key naming a line besides op, rows) per panel: transfers between clusters (our
-    transports and the peers) and, when the local suite ran, the copies on one instance."""
+def _panels(rows: List[dict]) -> List[Tuple[str, Callable, List[dict]]]:
+    """(title, drawing function, rows) per panel: transfers between clusters (our transports and
+    the peers), the copies on one instance when the local suite ran, and per k the model
+    suite's latency against the tensor count."""
     rated = [row for row in rows if "gbps" in row and "block_bytes" in row]
     transfer = [row for row in rated if row.get("suite") in ("transfer", "peer")]
     local = [row for row in rated if row.get("suite") == "local"]
+    model = [row for row in rows if row.get("suite") == "model" and "p50_us" in row]
     panels = []
     if transfer:
         panels.append(("pulls between two clusters (peer engines: same pull_blocks workload)",
-                       "transport", transfer))
+                       partial(_draw, key="transport"), transfer))
     if local:
-        panels.append(("copy_blocks / swap_blocks on one instance", "device", local))
+        panels.append(("copy_blocks / swap_blocks on one instance", partial(_draw, key="device"),
+                       local))
+    for k in sorted({row["blocks"] for row in model}):
+        panels.append((f"model-shaped pulls: {k} block{'s' if k > 1 else ''} of every tensor "
+                       "per call (p50)", _draw_model, [r for r in model if r["blocks"] == k]))
     return panels
 
 
-def _draw(axes, title: str, key: str, rows: List[dict]) -> None:
+def _draw_model(axes, title: str, rows: List[dict]) -> None:
+    """p50 µs per call against the tensor count (log-log), a line per transport and block size:
+    colour per transport, style per block size; memcpy black."""
+    lines: Dict[Tuple[str, int], List[Tuple[int, float]]] = {}
+    for row in rows:
+        lines.setdefault((row["transport"], row["block_bytes"]), []).append(
+            (row["tensors"], row["p50_us"]))
+    blocks = sorted({block for _, block in lines})
+    spare = iter(OTHER_COLOURS * len(lines))
+    colours: Dict[str, str] = {"memcpy": "black"}
+    ours = ["memcpy", "shm", "cma"]
+    order = ours + sorted({label for label, _ in lines} - set(ours))
+    for (label, block), points in sorted(lines.items(),
+                                         key=lambda item: (item[0][1], order.index(item[0][0]))):
+        points.sort()
+        colour = colours.setdefault(label, COLOURS.get(label) or next(spare))
+        axes.plot([p[0] for p in points], [p[1] for p in points],
+                  STYLES[blocks.index(block) % len(STYLES)], color=colour, marker="o",
+                  markersize=4, linewidth=2 if label in ("shm", "cma") else 1.3,
+                  label=f"{label}  {human_bytes(block)} blocks")
+    tensors = sorted({row["tensors"] for row in rows})
+    axes.set_xscale("log")
+    axes.set_yscale("log")
+    axes.set_xticks(tensors, [str(t) for t in tensors])
+    axes.minorticks_off()
+    axes.set_xlabel("tensors per cache (K and V per layer; log scale)")
+    axes.set_ylabel("p50 per call (µs; log scale)")
+    axes.set_title(title)
+    axes.grid(True, which="major", alpha=0.3)
+    axes.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+
+
+def _draw(axes, title: str, rows: List[dict], key: str) -> None:
     lines: Dict[Tuple[str, str], List[Tuple[int, float]]] = {}
     ceiling: Dict[int, List[float]] = {}
     for row in rows:
@@ -87,8 +127,8 @@ def write_png(rows: List[dict], path: str, title: str, subtitle: str = "") -> No
     if not panels:
         raise PlotUnavailable("no throughput rows to draw")
     figure, axes = pyplot.subplots(len(panels), 1, figsize=(10, 4.8 * len(panels)), squeeze=False)
-    for ax, (panel_title, key, panel_rows) in zip(axes[:, 0], panels):
-        _draw(ax, panel_title, key, panel_rows)
+    for ax, (panel_title, draw, panel_rows) in zip(axes[:, 0], panels):
+        draw(ax, panel_title, panel_rows)
     figure.suptitle(title + (f"\n{subtitle}" if subtitle else ""), fontsize=11)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

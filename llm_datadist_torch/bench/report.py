@@ -1,6 +1,7 @@
 """Benchmark rows as text: aligned terminal tables (or JSON lines with `--json`), and the
 `--report` files: `<out>.json` (a `{"meta": ...}` line, then one row per line) and `<out>.md`
-(the command, date and machine, the peers' status and every row)."""
+(the command, date and machine, the peers' status, the model suite's side-by-side tables, see
+`model_report`, and every row)."""
 from __future__ import annotations
 
 import datetime
@@ -162,13 +163,18 @@ def write_markdown(path: str, meta: dict, rows: List[dict], peers: List[dict],
             print(f"{note}\n", file=out)
         if peers:
             print("## Peers\n", file=out)
-            print("The transfer suite's `pull_blocks` workload (same block sizes, random block "
-                  "order, total bytes) driven directly on other engines: a server and a client "
-                  "process on this host, the client READs every block; the bytes of the first "
-                  "read are checked. Their rows have `suite` = `peer`; their `memcpy_gbps` is the "
-                  "transfer suite's (median per block size) from this run.\n", file=out)
+            print("Other engines driven directly, a server and a client process on this host. "
+                  "Workload `transfer`: the transfer suite's `pull_blocks` workload (same block "
+                  "sizes, random block order, total bytes), the client READs every block; the "
+                  "bytes of the first read are checked. Their rows have `suite` = `peer`; their "
+                  "`memcpy_gbps` is the transfer suite's (median per block size) from this run. "
+                  "Workload `model`: the model suite's shapes (see below), rows with `suite` = "
+                  "`model`.\n", file=out)
             _markdown_table(peers, out)
             print(file=out)
+        from . import model_report  # it imports this module
+
+        model_report.write(rows, out)
         print("## Numbers\n", file=out)
         for group in _groups(rows):
             _markdown_table(group, out)

@@ -1,4 +1,5 @@
-"""Other transfer engines on the transfer suite's `pull_blocks` workload, as reference rows.
+"""Other transfer engines on the transfer suite's `pull_blocks` workload, as reference rows, and
+on the model suite's shapes (`run_model`, see `_model_workload`).
 
 `run(names, total_bytes, repeats, ceiling)` runs each named peer (see `PEERS`) in two spawned
 processes (server and client, see `_workload`) and returns `(rows, statuses)`. Rows look like
@@ -13,7 +14,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import multiprocessing
-import os
 import statistics
 import tempfile
 import time
@@ -66,16 +66,24 @@ def _wait(result, client, timeout_s: float) -> Tuple[str, object]:
 
 def _run_one(module: str, total_bytes: int, repeats: int, timeout_s: float
              ) -> Tuple[str, object]:
-    """(status, rows or detail) of one peer; both processes are gone when it returns."""
+    """(status, rows or detail) of one peer on the transfer workload."""
+    return _spawn(module, _workload.server_main, (total_bytes,), _workload.client_main,
+                  (total_bytes, repeats), timeout_s)
+
+
+def _spawn(module: str, server_main, server_args: tuple, client_main, client_args: tuple,
+           timeout_s: float) -> Tuple[str, object]:
+    """Run the peer `module` in `server_main(module, conn, *server_args, log)` and
+    `client_main(module, conn, result, *client_args, log)` processes (see `_workload`):
+    (status, rows or detail); both processes are gone when it returns."""
     context = multiprocessing.get_context("spawn")
     server_end, client_end = context.Pipe()
     result_recv, result_send = context.Pipe(duplex=False)
     with tempfile.NamedTemporaryFile("rb", prefix="bench-peer-", suffix=".log") as log:
-        server = context.Process(target=_workload.server_main, daemon=True,
-                                 args=(module, server_end, total_bytes, log.name))
-        client = context.Process(target=_workload.client_main, daemon=True,
-                                 args=(module, client_end, result_send, total_bytes, repeats,
-                                       log.name))
+        server = context.Process(target=server_main, daemon=True,
+                                 args=(module, server_end, *server_args, log.name))
+        client = context.Process(target=client_main, daemon=True,
+                                 args=(module, client_end, result_send, *client_args, log.name))
         server.start()
         client.start()
         try:
@@ -93,6 +101,11 @@ def _run_one(module: str, total_bytes: int, repeats: int, timeout_s: float
         return status, detail
 
 
+def _status(name: str, workload: str, peer, setup: str) -> dict:
+    return {"peer": name, "workload": workload, "transport": peer.LABEL,
+            "version": _version(peer.DISTRIBUTION), "setup": setup}
+
+
 def run(names: List[str], total_bytes: int, repeats: int, ceiling: Dict[int, float],
         timeout_s: float = TIMEOUT_S) -> Tuple[List[dict], List[dict]]:
     """`ceiling`: the run's memcpy GB/s per block size; a size it lacks is measured here."""
@@ -100,8 +113,7 @@ def run(names: List[str], total_bytes: int, repeats: int, ceiling: Dict[int, flo
     rows, statuses = [], []
     for name in names:
         peer = importlib.import_module(PEERS[name])  # light: the engine is not imported here
-        status = {"peer": name, "transport": peer.LABEL, "version": _version(peer.DISTRIBUTION),
-                  "setup": peer.setup()}
+        status = _status(name, "transfer", peer, peer.setup())
         if importlib.util.find_spec(peer.IMPORT) is None:
             statuses.append({**status, "status": "not installed", "detail": peer.INSTALL})
             continue
@@ -119,4 +131,30 @@ def run(names: List[str], total_bytes: int, repeats: int, ceiling: Dict[int, flo
                          "ratio": round(row["gbps"] / ceiling[block], 3)})
         statuses.append({**status, "status": "ok",
                          "detail": f"first read, connect included: {detail[0]['first_ms']:.1f} ms"})
+    return rows, statuses
+
+
+def run_model(names: List[str], shapes: list, calls: int = 0, timeout_s: float = TIMEOUT_S
+              ) -> Tuple[List[dict], List[dict]]:
+    """The model suite's shapes (`model_shapes.Shape`) on each named peer: `(rows, statuses)`,
+    rows like the model suite's with the peer's label as `transport` and op "read"; `calls`
+    overrides the timed calls per shape as in the suite."""
+    from . import _model_workload
+
+    rows, statuses = [], []
+    for name in names:
+        peer = importlib.import_module(PEERS[name])
+        status = _status(name, "model", peer, peer.model_setup())
+        if importlib.util.find_spec(peer.IMPORT) is None:
+            statuses.append({**status, "status": "not installed", "detail": peer.INSTALL})
+            continue
+        result, detail = _spawn(PEERS[name], _model_workload.server_main, (shapes,),
+                                _model_workload.client_main, (shapes, calls), timeout_s)
+        if result != "ok":
+            statuses.append({**status, "status": result, "detail": str(detail)})
+            continue
+        rows += [{**row, "transport": peer.LABEL} for row in detail]
+        statuses.append({**status, "status": "ok",
+                         "detail": f"{len(detail)} shapes, every one's bytes checked after its "
+                                   "timed calls"})
     return rows, statuses

@@ -7,10 +7,14 @@ process reads every block of both into its own buffer with one batched READ, sou
 client regenerates the server's bytes from the seed and checks the first read: a peer that moves
 wrong bytes is reported as an error, never as a number.
 
-A peer module provides `Server(tensor)` (registers it; `.endpoint()` is what the client needs,
-picklable; `.close()`) and `Client(tensor, endpoint)` (`.reader(src, dst, length)` returns a
-callable doing one batched read of `length`-byte blocks from the server's byte offsets `src` to
-the client's offsets `dst`; `.close()`).
+A peer module provides `Server(tensor)` (registers it, or each tensor of a list; `.endpoint()`
+is what the client needs, picklable; `.close()`) and `Client(tensor, endpoint, conn)` (the same
+for its own memory; `.reader(src, dst, length)` returns a callable doing one batched read of
+`length`-byte blocks from the server's byte offsets `src` to the client's offsets `dst`;
+`.batch_reader(remote_addrs, local_addrs, length)`, used by the model suite's workload in
+`_model_workload`, returns `prepare(remote_indices, local_indices)`, which returns a callable
+reading those entries of the two address lists; `.close()`). `serve` and `attend` are the two
+processes' frames, shared by both workloads.
 """
 from __future__ import annotations
 
@@ -99,13 +103,21 @@ def _log_to(path: str) -> None:
 
 def server_main(module: str, conn, total_bytes: int, log: str) -> None:
     """Serve `total_bytes` until the client says done (or its end of the pipe closes)."""
+    serve(module, conn, log, lambda: source_bytes(total_bytes))
+
+
+def serve(module: str, conn, log: str, make: Callable[[], object],
+          describe: Callable[[object, object], object] = lambda server, tensors: server.endpoint()
+          ) -> None:
+    """Register what `make()` returns (a tensor or a list of them) with the peer's `Server` and
+    hand the client `describe(server, tensors)`; serve until the client says done."""
     _log_to(log)
     server = None
     try:
         peer = importlib.import_module(module)
-        tensor = source_bytes(total_bytes)
+        tensor = make()
         server = peer.Server(tensor)
-        conn.send(("ready", server.endpoint()))
+        conn.send(("ready", describe(server, tensor)))
         while True:
             message = conn.recv()
             if message == "done":
@@ -125,20 +137,30 @@ def server_main(module: str, conn, total_bytes: int, log: str) -> None:
 
 def client_main(module: str, conn, result, total_bytes: int, repeats: int, log: str) -> None:
     """Read every block size; send ("ok", rows), ("wrong data", why) or ("error", why)."""
+    def work(peer, endpoint, opened: list) -> List[dict]:
+        expected = source_bytes(total_bytes)
+        dst = torch.zeros(total_bytes, dtype=torch.uint8)  # zeroed: pre-faulted
+        client = peer.Client(dst, endpoint, conn)
+        opened.append(client)
+        return [_measure(client, expected, dst, block, repeats)
+                for block in BLOCK_SIZES if total_bytes // TENSORS // block]
+    attend(module, conn, result, log, work)
+
+
+def attend(module: str, conn, result, log: str,
+           work: Callable[[object, object, list], List[dict]]) -> None:
+    """The client process: wait for the server's endpoint, run `work(peer module, endpoint,
+    opened)` (clients it makes go into `opened`, closed here) and send ("ok", rows),
+    ("wrong data", why), ("not usable", why) or ("error", why) on `result`."""
     _log_to(log)
-    client = None
+    opened: list = []
     try:
         peer = importlib.import_module(module)
         kind, endpoint = conn.recv()
         if kind != "ready":
             result.send(("error", endpoint))
             return
-        expected = source_bytes(total_bytes)
-        dst = torch.zeros(total_bytes, dtype=torch.uint8)  # zeroed: pre-faulted
-        client = peer.Client(dst, endpoint, conn)
-        rows: List[dict] = [_measure(client, expected, dst, block, repeats)
-                            for block in BLOCK_SIZES if total_bytes // TENSORS // block]
-        result.send(("ok", rows))
+        result.send(("ok", work(peer, endpoint, opened)))
     except WrongData as exc:
         result.send(("wrong data", str(exc)))
     except ImportError as exc:  # installed, but a native library is missing
@@ -147,7 +169,7 @@ def client_main(module: str, conn, result, total_bytes: int, repeats: int, log: 
         detail = traceback.format_exception_only(type(exc), exc)[-1].strip()
         result.send(("error", f"client: {detail}"))
     finally:
-        if client is not None:
+        for client in opened:
             client.close()
         try:
             conn.send("done")
