@@ -116,17 +116,6 @@ def verify_proof(direction: bytes, challenge: bytes, pid: int, name: str,
     return True, ""
 
 
-def pid_exists(pid: int) -> bool:
-    """Whether `pid` names a process (a zombie still does: `start_time` tells them apart)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
 def start_time(pid: int) -> Optional[int]:
     """The start time of `pid` (clock ticks since boot), or None if it is gone: a pid whose
     start time changed is another process (pid reuse)."""

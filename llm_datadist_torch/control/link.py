@@ -13,12 +13,12 @@ import msgspec
 
 from ..core.descriptors import Region
 from ..core.options import force_staging
-from ..memory.arena import PID_NAMESPACE, SHM_PREFIX
+from ..memory.arena import PID_NAMESPACE, SHM_PREFIX, pid_alive
 from ..status import LLMException, LLMStatusCode, fail
 from ..transport import choose_transport
 from ..transport.base import Peer, Transport
 from ..transport.bounce import BounceBuffer
-from .identity import pid_exists, start_time
+from .identity import start_time
 from .messages import Message, Resolved
 from .rpc_client import RpcClient
 
@@ -131,7 +131,7 @@ class Link:
             return
         now = time.monotonic()
         if now - self._alive_at < ALIVE_CHECK_S:
-            gone = not pid_exists(self.peer.pid)  # a syscall; the start time needs a file read
+            gone = not pid_alive(self.peer.pid)  # a syscall; the start time needs a file read
         else:
             self._alive_at = now
             gone = start_time(self.peer.pid) != self.start_time

@@ -43,7 +43,8 @@ def shm_file_name(tag: str) -> str:
             f"{secrets.token_hex(8)}")
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether `pid` names a process of this pid namespace (a zombie still does)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -68,7 +69,7 @@ def sweep_stale_shm_files() -> int:
         if len(parts) < 4 or parts[0] != SHM_PREFIX or not parts[1].isdigit() \
                 or parts[2] != PID_NAMESPACE:
             continue
-        if _pid_alive(int(parts[1])):
+        if pid_alive(int(parts[1])):
             continue
         try:
             os.unlink(os.path.join(SHM_DIR, name))
