@@ -62,7 +62,8 @@ class Engine:
         child_env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
             VLLM_CPU_OMP_THREADS_BIND="nobind", OMP_NUM_THREADS="1",
-            LLM_DATADIST_TORCH_DEVICE="cpu", VLLM_LOGGING_LEVEL="INFO", **(env or {}))
+            LLM_DATADIST_TORCH_DEVICE="cpu", VLLM_LOGGING_LEVEL="INFO")
+        child_env.update(env or {})
         with open(self.log, "w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, str(HERE / "vllm_harness.py"), str(theirs.fileno())],
@@ -143,6 +144,23 @@ def _generate(llm, prompts, params, max_tokens):
              "kv_transfer_params": o.kv_transfer_params, "seconds": seconds} for o in outputs]
 
 
+def _add_and_abort(llm, prompt, params, delay_s):
+    """Add one request with `params`, abort it `delay_s` later, drain the engine."""
+    from vllm import SamplingParams
+    engine = llm.llm_engine
+    request_id = f"aborted-{time.monotonic_ns()}"
+    engine.add_request(request_id, {"prompt_token_ids": list(prompt)},
+                       SamplingParams(temperature=0, max_tokens=500, detokenize=False,
+                                      extra_args={"kv_transfer_params": dict(params)}))
+    deadline = time.monotonic() + delay_s
+    while time.monotonic() < deadline and engine.has_unfinished_requests():
+        engine.step()
+    engine.abort_request([request_id])
+    while engine.has_unfinished_requests():
+        engine.step()
+    return request_id
+
+
 def _metrics(llm):
     found = []
     for metric in llm.get_metrics():
@@ -172,6 +190,8 @@ def child(fd):
                 conn.send(("ok", None))
             elif command[0] == "generate":
                 conn.send(("ok", _generate(llm, *command[1:])))
+            elif command[0] == "add_and_abort":
+                conn.send(("ok", _add_and_abort(llm, *command[1:])))
             elif command[0] == "metrics":
                 conn.send(("ok", _metrics(llm)))
             else:

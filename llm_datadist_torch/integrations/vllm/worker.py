@@ -194,17 +194,23 @@ class WorkerHalf:
                 raise LoadError(f"the prefill engine holds {len(job.remote_block_ids)} blocks "
                                 f"for this prompt, {len(job.local_block_ids)} are needed")
             peer = self._peer(key, job.remote_tp_size)
+            met = time.perf_counter()
             manager = self._datadist.cache_manager
             for model_id, cache in enumerate(self._caches):
                 manager.pull_blocks(BlocksCacheKey(peer.info.cluster_id, model_id), cache,
                                     src_blocks=job.remote_block_ids,
                                     dst_blocks=job.local_block_ids)
+            pulled = time.perf_counter()
             released = True
             reply = peer.client.call(Release(job.remote_request_id, job.lease_token, self.rank))
             if not (isinstance(reply, ReleaseReply) and reply.intact):
                 raise LoadError("the prefill engine's lease on these blocks ended before the "
                                 "pull finished (they may have been reused)")
             ok = True
+            logger.debug("pulled request %s: %d blocks, %d bytes; peer %.2f ms, pull %.2f ms, "
+                         "release %.2f ms", job.request_id, len(job.local_block_ids), nbytes,
+                         (met - started) * 1e3, (pulled - met) * 1e3,
+                         (time.perf_counter() - pulled) * 1e3)
         except (LoadError, GeometryMismatch) as exc:
             error = str(exc)
         except (LLMException, SideChannelError, OSError) as exc:
