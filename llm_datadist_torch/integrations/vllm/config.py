@@ -28,7 +28,8 @@ class ConnectorConfig:
                        this port + the data-parallel index; 0 (default): a free port. It is
                        the `remote_port` of the kv_transfer_params
     base_port          worker rank r's data plane (`LLMDataDist` listen_ip_info) listens on
-                       base_port + r; 0 (default): a free port per worker
+                       base_port + r (+ data-parallel index x TP size); 0 (default): a free
+                       port per worker
     lease_s            how long the prefill side keeps a finished request's blocks for a
                        decoder that neither pulled them nor renewed the lease (default 30)
     transfer_backend   forces an `LLMConfig.transfer_backend` ("cma", "shm", "mooncake", ...);

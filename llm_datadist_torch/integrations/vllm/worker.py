@@ -42,7 +42,11 @@ from .stats import TransferStats
 logger = logging.getLogger(LOGGER_PREFIX + __name__)
 
 PeerKey = Tuple[str, str, int]  # engine id, side-channel host, side-channel port
+# After a peer failed (gone, unreachable, link refused), loads from it fail at once for this
+# long instead of each waiting for its own handshake deadline; then it is met again.
+PEER_RETRY_S = 10.0
 LINKED = (LLMStatusCode.LLM_SUCCESS, LLMStatusCode.LLM_ALREADY_LINK)
+UNREACHABLE = (LLMStatusCode.LLM_LINK_FAILED, LLMStatusCode.LLM_NOT_YET_LINK)
 
 
 class LoadError(RuntimeError):
@@ -84,6 +88,7 @@ class WorkerHalf:
         self._peers: Dict[PeerKey, Peer] = {}
         self._peers_lock = threading.Lock()
         self._connect_locks: Dict[PeerKey, threading.Lock] = {}
+        self._failed_peers: Dict[PeerKey, Tuple[float, str]] = {}  # since when, why
         self._pool = ThreadPoolExecutor(config.pull_threads, thread_name_prefix="llmdd-vllm-pull")
         self._done = threading.Condition()
         self._in_flight = 0
@@ -116,10 +121,11 @@ class WorkerHalf:
         role = {(True, False): LLMRole.PROMPT, (False, True): LLMRole.DECODER}.get(
             (self.producer, self.consumer), LLMRole.MIX)
         host = self._config.host
+        dp_index = getattr(self._vllm_config.parallel_config, "data_parallel_index", 0) or 0
         last_error = None
         for _ in range(5):  # a free port can be taken between probing and binding
-            port = (self._config.base_port + self.rank if self._config.base_port
-                    else free_port(host))
+            port = (self._config.base_port + dp_index * self.tp_size + self.rank
+                    if self._config.base_port else free_port(host))
             options = LLMConfig()
             options.device_id = device.index or 0
             options.enable_cache_manager = True
@@ -215,7 +221,10 @@ class WorkerHalf:
             error = str(exc)
         except (LLMException, SideChannelError, OSError) as exc:
             error = f"{type(exc).__name__}: {exc}"
-            self._drop_peer(key)
+            # Unreachable or gone: fail fast for a while. Anything else (a transfer timeout
+            # breaks the link, for one): link again at the next request.
+            gone = not isinstance(exc, LLMException) or exc.status_code in UNREACHABLE
+            self._drop_peer(key, error if gone else None)
         except Exception as exc:  # never lose a completion: vLLM would wait for it forever
             logger.exception("LLMDataDistConnector: pull of request %s failed", job.request_id)
             error = f"{type(exc).__name__}: {exc}"
@@ -260,9 +269,19 @@ class WorkerHalf:
             with self._peers_lock:
                 peer = self._peers.get(key)
             if peer is None:
-                peer = self._meet(key, remote_tp_size)
+                with self._peers_lock:
+                    failed = self._failed_peers.get(key)
+                if failed is not None and time.monotonic() - failed[0] < PEER_RETRY_S:
+                    raise LoadError(f"this engine failed {time.monotonic() - failed[0]:.1f} s "
+                                    f"ago ({failed[1]}); next try after {PEER_RETRY_S:.0f} s")
+                try:
+                    peer = self._meet(key, remote_tp_size)
+                except Exception as exc:
+                    self._mark_failed(key, f"{type(exc).__name__}: {exc}")
+                    raise
                 with self._peers_lock:
                     self._peers[key] = peer
+                    self._failed_peers.pop(key, None)
         if peer.refused:
             raise GeometryMismatch(peer.refused)
         return peer
@@ -307,8 +326,18 @@ class WorkerHalf:
             raise LoadError(f"link_clusters to cluster {info.cluster_id} at {info.host}:"
                             f"{info.port} failed: {result}")
 
-    def _drop_peer(self, key: PeerKey) -> None:
-        """Forget a peer after a failure: the next request meets (and links) it again."""
+    def _mark_failed(self, key: PeerKey, error: str) -> None:
+        now = time.monotonic()
+        with self._peers_lock:
+            for old in [k for k, (since, _) in self._failed_peers.items()
+                        if now - since >= PEER_RETRY_S]:
+                del self._failed_peers[old]
+            self._failed_peers[key] = (now, error)
+
+    def _drop_peer(self, key: PeerKey, error: Optional[str] = None) -> None:
+        """Forget a peer after a failure: after PEER_RETRY_S, a request meets (links) it again."""
+        if error is not None:
+            self._mark_failed(key, error)
         with self._peers_lock:
             peer = self._peers.pop(key, None)
         if peer is None:
