@@ -52,6 +52,8 @@ class Link:
         default_factory=dict)
     # Owner side: cache ids whose answers this peer may have kept.
     exported: Set[int] = dataclasses.field(default_factory=set)
+    # Requester side: release notices (request keys pulled) not delivered yet.
+    pending_releases: list = dataclasses.field(default_factory=list)
     # Requester side: one staged transfer at a time uses the owner's staging area.
     staging_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     # Requester side: transfers running on each remote cache id; an invalidation of that cache

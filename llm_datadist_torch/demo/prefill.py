@@ -8,11 +8,11 @@ it waits until decode has pulled an earlier one and then reuses that request's b
 from __future__ import annotations
 
 import hashlib
-import socket
 import time
 from typing import List, Tuple
 
 from .. import BlocksCacheKey, LLMDataDist, LLMException, LLMRole
+from ..control.host import free_port
 from .channel import Channels, Handoff, recv
 from .model import TinyDecoder, greedy, logits_bytes
 from .paged_cache import PagedKVCache, blocks_for
@@ -29,16 +29,10 @@ def prefill_request(model: TinyDecoder, cache: PagedKVCache, prompt: List[int],
     return greedy(logits), hashlib.sha256(logits_bytes(logits)).hexdigest()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LISTEN_IP, 0))
-        return sock.getsockname()[1]
-
-
 def _start_server(attempts: int = 5) -> Tuple[LLMDataDist, int]:
     """A listening PROMPT cluster on a free port (retried: the port may be taken meanwhile)."""
     for attempt in range(attempts):
-        port = _free_port()
+        port = free_port(LISTEN_IP)
         datadist = LLMDataDist(LLMRole.PROMPT, PREFILL_CLUSTER_ID)
         try:
             datadist.init(datadist_options(SYNC_KV_TIMEOUT_MS, f"{LISTEN_IP}:{port}"))

@@ -6,6 +6,7 @@ a request key finally tells the owner, which releases the key (spec §14.3).
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 from typing import Sequence, Tuple
@@ -22,6 +23,8 @@ from ..status import LLMException, LLMStatusCode, fail, raise_if_false
 from ..transport.base import TransferItem
 from .remote_ref import RemoteRef
 from .staged import staged_move, through
+
+logger = logging.getLogger(__name__)
 
 
 def link_for(engine: Engine, links, cluster_id: int, local: CacheEntry,
@@ -148,6 +151,7 @@ def _one_sided(engine: Engine, link: Link, cache_id: int, fence: Fence, regions,
     return moved
 
 
+MAX_PENDING = 1024  # release notices a link keeps for later, at most
 FENCE_ROUTE = ("fence",)  # the owner's fence table: one region for all its caches
 
 
@@ -186,8 +190,23 @@ def check_fence(link: Link, cache_id: int, fence: Fence, deadline: float) -> Non
 
 def _release_pulled(engine: Engine, link: Link, reply: Resolved, plan, release: bool,
                     deadline: float) -> None:
-    """Tell the owner which tensors were pulled through a request key (it releases the key)."""
-    if release and reply.release_key is not None:
-        pulled = sorted({pair[0] for pair in plan.pairs})
-        link.call(Release(session=link.session, key=list(reply.release_key), tensors=pulled),
-                  max(deadline - time.monotonic(), 0.05))
+    """Tell the owner which tensors were pulled through a request key (it releases the key).
+
+    The bytes have arrived: a notice that cannot be delivered now does not fail the pull; it
+    is kept on the link (a bounded number) and sent before the link's next release."""
+    if not release or reply.release_key is None:
+        return
+    pulled = sorted({pair[0] for pair in plan.pairs})
+    with link.lock:
+        notices = link.pending_releases + [
+            Release(session=link.session, key=list(reply.release_key), tensors=pulled)]
+        link.pending_releases = []
+    for index, notice in enumerate(notices):
+        try:
+            link.call(notice, max(deadline - time.monotonic(), 0.05))
+        except LLMException as exc:
+            logger.warning("cluster %d was not told that key %s was pulled (%s); told later",
+                           link.cluster_id, notice.key, exc)
+            with link.lock:
+                link.pending_releases = (notices[index:] + link.pending_releases)[:MAX_PENDING]
+            return

@@ -79,3 +79,12 @@ def test_a_failed_copy_is_a_typed_error_and_the_next_pull_works(make_datadist):
         puller.cache_manager.pull_blocks(key, local, [0, 1], [0, 1])
     puller.cache_manager.pull_blocks(key, local, [0, 1], [0, 1])
     assert bool((local.tensors[1][:2] == 5).all())
+
+
+def test_a_pull_whose_release_notice_is_lost_still_succeeds(keyed_pair):
+    """The bytes arrived: a lost Release does not turn the pull into a failure."""
+    owner, puller, keys, local = keyed_pair
+    faults.arm("rpc.drop", "Release", count=1)
+    puller.cache_manager.pull_cache(keys[2], local, 2)
+    assert bool((local.tensors[0][2] == 7).all())
+    assert puller._links.get(owner.cluster_id).pending_releases  # kept to be told later
