@@ -70,7 +70,8 @@ class SchedulerHalf:
             logger.info("LLMDataDistConnector: engine %s serves its side channel at %s:%d",
                         self.engine_id, config.public_host, self.port)
         if consumer:
-            self._keeper = LeaseKeeper(config.rpc_timeout_s)
+            # Short calls: one thread renews for every peer, a dead one must not hold it up.
+            self._keeper = LeaseKeeper(min(config.rpc_timeout_s, 2.0))
 
     # ---- prefill side -----------------------------------------------------------------------
     def set_workers(self, metadata: Dict[int, WorkerHandshake]) -> None:

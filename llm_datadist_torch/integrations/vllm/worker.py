@@ -246,8 +246,11 @@ class WorkerHalf:
             self._release_quietly(key, job)
 
     def _release_quietly(self, key: PeerKey, job: RecvJob) -> None:
-        """Free the prefill side's blocks early after a failed pull (the lease would anyway)."""
+        """Free the prefill side's blocks early after a failed pull (the lease would anyway),
+        unless the prefill engine is known unreachable: then a pull thread would wait for it."""
         with self._peers_lock:
+            if key in self._failed_peers:
+                return
             peer = self._peers.get(key)
         client = peer.client if peer is not None else None
         try:
