@@ -27,7 +27,9 @@ logger = logging.getLogger(__name__)
 Handler = Callable[[Message, bytes], Union[Message, "concurrent.futures.Future[Message]"]]
 
 POLL_MS = 50  # upper bound on how long the thread takes to notice `close()` without a wake-up
-MAX_MESSAGE_BYTES = 64 << 20  # control messages are small metadata; zmq drops bigger ones
+# Control messages are small metadata; the largest legitimate ones (a Resolve or StageRead with
+# lists near their decode-time limit) stay under this. zmq drops bigger frames unread.
+MAX_MESSAGE_BYTES = 16 << 20
 _COMMAND_TIMEOUT_S = 10.0  # bind/unbind on a running server wait at most for the running handler
 _JOIN_TIMEOUT_S = 10.0
 

@@ -410,7 +410,7 @@ def test_malformed_multipart_requests(target):
 
 
 def test_oversized_and_near_limit_frames(target):
-    """Over MAX_MESSAGE_BYTES: zmq drops the connection. Just under it, a frame of 16 Mi nils
+    """Over MAX_MESSAGE_BYTES: zmq drops the connection. Just under it, a frame of nils
     (an array nothing decodes): answered with an error, without the owner holding memory many
     times the frame's size while it looks for the frame's version."""
     with target.peer() as peer:
@@ -419,7 +419,7 @@ def test_oversized_and_near_limit_frames(target):
         assert peer.recv_parts(1.0) is None
         target.fig.outcomes["dropped"] += 1
     target.assert_responsive("after an oversized frame")
-    junk = junk_array(16 << 20)
+    junk = junk_array(MAX_MESSAGE_BYTES - 64)
     target.owner.call("reset_peak_rss")
     before = target.owner.call("health")["rss"]
     with target.peer() as peer:
