@@ -29,6 +29,7 @@ import msgspec
 import pytest
 import torch
 
+from llm_datadist_torch.memory.arena import sweep_stale_shm_files
 from llm_datadist_torch.integrations.vllm.config import ConnectorConfig, cluster_id_of, free_port
 from llm_datadist_torch.integrations.vllm.geometry import (Geometry, GeometryMismatch,
                                                            check_compatible)
@@ -311,8 +312,10 @@ def engines(tmp_path_factory):
 
 def _remove_leftovers_of_killed_engines(before) -> None:
     """vLLM's engines keep Python shared-memory blocks and semaphores in /dev/shm; the ones a
-    test kills (or vLLM's own forced shutdown) cannot remove theirs. Ours are checked
-    elsewhere: only what multiprocessing names (psm_*, sem.mp-*) and appeared here goes."""
+    test kills (or vLLM's own forced shutdown) cannot remove theirs: what multiprocessing names
+    (psm_*, sem.mp-*) and appeared here goes. Files of this library left by a killed engine go
+    the way they would at the next engine start: its sweep of dead processes' files."""
+    sweep_stale_shm_files()
     for name in set(os.listdir(SHM_DIR)) - before:
         if name.startswith(("psm_", "sem.mp-")):
             try:
