@@ -56,9 +56,6 @@ class FenceTable:
             self._words[offset // WORD_BYTES] = 0
             self._free.append(offset // WORD_BYTES)
 
-    def value_at(self, offset: int) -> int:
-        return int(self._words[offset // WORD_BYTES])
-
     def close(self) -> None:
         self._arena.close()
 
