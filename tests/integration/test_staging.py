@@ -88,61 +88,60 @@ def owner():
             process.join()
 
 
-def test_pulls_and_pushes_go_through_the_staging_area(owner, monkeypatch):
-    conn, port = owner
+@pytest.fixture
+def staged_requester(owner, monkeypatch):
+    """A requester linked to the owner, every transfer forced through the staging area."""
     monkeypatch.setenv("LLM_DATADIST_TORCH_STAGE_TRANSFERS", "1")
     datadist = LLMDataDist(LLMRole.DECODER, REQUESTER)
     datadist.init(options())
     try:
-        link_to_owner(datadist, port)
-        manager = datadist.cache_manager
-        local = manager.allocate_blocks_cache(CacheDesc(4, BLOCKS, DataType.DT_FLOAT, Placement.DEVICE))
-        for tensor in local.tensors:
-            tensor.fill_(-1)
-        # Layer 1 only (tensors 2 and 3): blocks 3, 9 -> 0, 5.
-        manager.pull_blocks(BlocksCacheKey(OWNER, 0), local, [3, 9], [0, 5],
-                            src_layer_range=range(1, 2), dst_layer_range=range(1, 2))
-        for index, tensor in enumerate(local.tensors):
-            if index < 2:
-                assert bool((tensor == -1).all())
-            else:
-                assert torch.equal(tensor[0], content(index, BLOCKS)[3])
-                assert torch.equal(tensor[5], content(index, BLOCKS)[9])
-                assert bool((tensor[[1, 2, 3, 4, 6]] == -1).all())
-        assert any(".staging." in name for name in os.listdir("/dev/shm"))  # the owner's area
-
-        # A request key through staging: released by the owner afterwards.
-        slots = manager.allocate_cache(CacheDesc(2, SLOTS, DataType.DT_FLOAT, Placement.DEVICE))
-        manager.pull_cache(CacheKey(OWNER, 12), slots, 3)
-        for index, tensor in enumerate(slots.tensors):
-            assert torch.equal(tensor[3], content(10 + index, SLOTS)[1])
-        conn.send("keys")
-        keys = conn.recv()
-        assert ("req", 11, 0) in keys and ("req", 12, 0) not in keys
-        with raises_llm(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST):
-            manager.pull_cache(CacheKey(OWNER, 12), slots, 0)
+        link_to_owner(datadist, owner[1])
+        yield datadist
     finally:
         datadist.finalize()
 
 
-def test_a_slot_larger_than_the_staging_area_is_pulled_in_chunks(owner, monkeypatch):
+def test_pulls_and_pushes_go_through_the_staging_area(owner, staged_requester):
+    conn, _ = owner
+    manager = staged_requester.cache_manager
+    local = manager.allocate_blocks_cache(CacheDesc(4, BLOCKS, DataType.DT_FLOAT, Placement.DEVICE))
+    for tensor in local.tensors:
+        tensor.fill_(-1)
+    # Layer 1 only (tensors 2 and 3): blocks 3, 9 -> 0, 5.
+    manager.pull_blocks(BlocksCacheKey(OWNER, 0), local, [3, 9], [0, 5],
+                        src_layer_range=range(1, 2), dst_layer_range=range(1, 2))
+    for index, tensor in enumerate(local.tensors):
+        if index < 2:
+            assert bool((tensor == -1).all())
+        else:
+            assert torch.equal(tensor[0], content(index, BLOCKS)[3])
+            assert torch.equal(tensor[5], content(index, BLOCKS)[9])
+            assert bool((tensor[[1, 2, 3, 4, 6]] == -1).all())
+    assert any(".staging." in name for name in os.listdir("/dev/shm"))  # the owner's area
+
+    # A request key through staging: released by the owner afterwards.
+    slots = manager.allocate_cache(CacheDesc(2, SLOTS, DataType.DT_FLOAT, Placement.DEVICE))
+    manager.pull_cache(CacheKey(OWNER, 12), slots, 3)
+    for index, tensor in enumerate(slots.tensors):
+        assert torch.equal(tensor[3], content(10 + index, SLOTS)[1])
+    conn.send("keys")
+    keys = conn.recv()
+    assert ("req", 11, 0) in keys and ("req", 12, 0) not in keys
+    with raises_llm(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST):
+        manager.pull_cache(CacheKey(OWNER, 12), slots, 0)
+
+
+def test_a_slot_larger_than_the_staging_area_is_pulled_in_chunks(staged_requester):
     """80 tensors of 1 MiB slots (80 MiB, the area holds 64): the segments are split to fit,
     chunk by chunk, byte-exact into the requester's own registered tensors."""
-    _, port = owner
-    monkeypatch.setenv("LLM_DATADIST_TORCH_STAGE_TRANSFERS", "1")
-    datadist = LLMDataDist(LLMRole.DECODER, REQUESTER)
-    datadist.init(options())
-    try:
-        link_to_owner(datadist, port)
-        mine = [torch.full([1, BIG[1]], -1.0) for _ in range(BIG_TENSORS)]
-        local = datadist.cache_manager.register_cache(
-            CacheDesc(BIG_TENSORS, [1, BIG[1]], DataType.DT_FLOAT, Placement.DEVICE),
-            [t.data_ptr() for t in mine])
-        datadist.cache_manager.pull_cache(CacheKey(OWNER, 21), local, 0)
-        for index, tensor in enumerate(mine):
-            assert torch.equal(tensor[0], content(100 + index, BIG)[0])
-    finally:
-        datadist.finalize()
+    manager = staged_requester.cache_manager
+    mine = [torch.full([1, BIG[1]], -1.0) for _ in range(BIG_TENSORS)]
+    local = manager.register_cache(
+        CacheDesc(BIG_TENSORS, [1, BIG[1]], DataType.DT_FLOAT, Placement.DEVICE),
+        [t.data_ptr() for t in mine])
+    manager.pull_cache(CacheKey(OWNER, 21), local, 0)
+    for index, tensor in enumerate(mine):
+        assert torch.equal(tensor[0], content(100 + index, BIG)[0])
 
 
 def test_push_through_the_staging_area(owner, monkeypatch):
