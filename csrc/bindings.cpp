@@ -13,6 +13,7 @@
 #include "address_map.h"
 #include "cma.h"
 #include "errors.h"
+#include "prepared.h"
 #include "registry.h"
 #include "segment_copy.h"
 #include "segments.h"
@@ -282,4 +283,29 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("remote_offsets"), py::arg("lengths"), py::arg("max_threads") = 2);
   }
   m.def("allow_ptrace_from", &allow_ptrace_from, py::arg("pid"));
+
+  py::class_<PreparedCopy>(m, "PreparedCopy")
+      .def(py::init([](int64_t data_pid, std::vector<int64_t> remote_regions,
+                       std::vector<int64_t> local_regions, int64_t fence_pid, uint64_t fence_addr,
+                       int64_t fence_value) {
+             return PreparedCopy(data_pid, std::move(remote_regions), std::move(local_regions),
+                                 FenceWord{fence_pid, fence_addr, fence_value});
+           }),
+           py::arg("data_pid"), py::arg("remote_regions"), py::arg("local_regions"),
+           py::arg("fence_pid"), py::arg("fence_addr"), py::arg("fence_value"))
+      .def(
+          "run",
+          [](const PreparedCopy& copy, const std::vector<int64_t>& remote_offsets,
+             const std::vector<int64_t>& local_offsets, const std::vector<int64_t>& lengths,
+             bool to_remote, int64_t max_threads) {
+            check_max_threads(max_threads);
+            py::gil_scoped_release no_gil;
+            return copy.run(remote_offsets, local_offsets, lengths, to_remote,
+                            static_cast<int>(max_threads));
+          },
+          py::arg("remote_offsets"), py::arg("local_offsets"), py::arg("lengths"),
+          py::arg("to_remote"), py::arg("max_threads") = 2)
+      .def_property_readonly("pairs", &PreparedCopy::pairs);
+  m.attr("FENCE_MOVED_BEFORE") = kFenceMovedBefore;
+  m.attr("FENCE_MOVED_AFTER") = kFenceMovedAfter;
 }

@@ -240,25 +240,24 @@ class TransferWithCacheKeyConfig:
 class CacheTask:
     """Handle of a running `transfer_cache_async`.
 
-    Built by the cache manager: `worker` is the started thread, `results` maps a destination
-    cluster id to its status and is filled by the worker; results are read only after the
-    worker has been joined.
+    Built by the cache manager: `done` is set when the task has finished, `results` maps a
+    destination cluster id to its status and is filled by the task; results are read only
+    once it has finished.
     """
 
-    def __init__(self, worker: threading.Thread, transfer_configs,
+    def __init__(self, done: threading.Event, transfer_configs,
                  results: Dict[int, Optional[LLMStatusCode]]):
-        self._worker = worker
+        self._done = done
         self._transfer_configs = list(transfer_configs)
         self._results = results
 
     def _join(self, timeout_in_millis: Optional[int]) -> bool:
-        """Wait for the worker; True when it has finished."""
+        """Wait for the task; True when it has finished."""
         timeout = None
         if timeout_in_millis is not None:
             check_uint32("timeout_in_millis", timeout_in_millis)
             timeout = timeout_in_millis / 1000
-        self._worker.join(timeout)
-        return not self._worker.is_alive()
+        return self._done.wait(timeout)
 
     def _per_config_results(self) -> List[Optional[LLMStatusCode]]:
         # Keyed by destination cluster: configs sharing one report the same value.

@@ -29,6 +29,7 @@ from . import auth, identity
 from .link import Link, host_of
 from .messages import Ack, Hello, HelloReply, Message, MooncakeEndpoint, Proof, Unlink
 from .mooncake_peering import MooncakePeering
+from .releases import ReleaseQueue
 from .rpc_client import RpcClient
 
 if TYPE_CHECKING:
@@ -67,7 +68,8 @@ class Handshake:
     def _new_link(self, cluster_id: int, peer: Peer, rpc: Optional[RpcClient], session: bytes,
                   **fields) -> Link:
         return Link(cluster_id, peer, rpc, self._engine.options.transfer_backend,
-                    self._links.bounce, session=session, **fields)
+                    self._links.bounce, session=session,
+                    releases=ReleaseQueue(self._links.release_sender.wake), **fields)
 
     # ---- client side -------------------------------------------------------------------------
     def link_to(self, address: str, peer_host: str, local_ip: Optional[str],

@@ -2,7 +2,6 @@
 from it, and what each side keeps about the other."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import socket
 import threading
@@ -20,10 +19,12 @@ from ..transport.base import Peer, Transport
 from ..transport.bounce import BounceBuffer
 from .identity import start_time
 from .messages import Message, Resolved
+from .releases import ReleaseQueue
 from .rpc_client import RpcClient
 
 
 ALIVE_CHECK_S = 0.1
+MAX_PREPARED = 256  # prepared transfers a link keeps; the oldest go first
 
 
 @dataclasses.dataclass(eq=False)
@@ -50,16 +51,21 @@ class Link:
     # transports may use it and its transport: worked out once, not per call.
     routes: Dict[tuple, Dict[int, Tuple[Region, Transport]]] = dataclasses.field(
         default_factory=dict)
+    # Requester side: prepared transfers (transport/prepared.py) by (cache id, fence value,
+    # direction, local cache id, id of the tensor pairs), each kept with its pairs and built at
+    # the first move between those caches; dropped with the answer they were built from.
+    prepared: Dict[tuple, tuple] = dataclasses.field(default_factory=dict)
     # Owner side: cache ids whose answers this peer may have kept.
     exported: Set[int] = dataclasses.field(default_factory=set)
-    # Requester side: release notices (request keys pulled) not delivered yet.
-    pending_releases: list = dataclasses.field(default_factory=list)
+    # Requester side: release notices (request keys pulled) not acknowledged yet.
+    releases: ReleaseQueue = dataclasses.field(default_factory=ReleaseQueue)
     # Requester side: one staged transfer at a time uses the owner's staging area.
     staging_lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
     # Requester side: transfers running on each remote cache id; an invalidation of that cache
     # is acknowledged only once they are done (the owner holds the memory until then).
     in_flight: Dict[int, int] = dataclasses.field(default_factory=dict)
     settled: threading.Condition = dataclasses.field(default_factory=threading.Condition)
+    settle_waiters: int = 0  # threads in forget() waiting on `settled`
     force_staging: bool = dataclasses.field(default_factory=force_staging)
 
     def needs_staging(self, region: Region) -> bool:
@@ -89,12 +95,25 @@ class Link:
             raise
 
     def descriptor(self, key: tuple) -> Optional[Resolved]:
-        with self.lock:
-            return self.descriptors.get(key)
+        return self.descriptors.get(key)  # one dict read: atomic, no lock needed
 
     def remember(self, key: tuple, reply: Resolved) -> None:
         with self.lock:
             self.descriptors[key] = reply
+
+    def prepared_for(self, key: tuple, pairs) -> Optional[object]:
+        """The prepared transfer kept under `key` for exactly these `pairs` (it holds them, so
+        their id cannot name another tuple while it is kept)."""
+        found = self.prepared.get(key)
+        return found[1] if found is not None and found[0] is pairs else None
+
+    def keep_prepared(self, key: tuple, pairs, prepared: object) -> None:
+        # One built from an answer forgotten meanwhile is never found again: no later answer
+        # has that fence value (and the fence check refuses its moves anyway).
+        with self.lock:
+            while len(self.prepared) >= MAX_PREPARED:
+                del self.prepared[next(iter(self.prepared))]
+            self.prepared[key] = (pairs, prepared)
 
     def forget(self, cache_ids, wait_s: float = 0.0) -> bool:
         """Drop kept answers about `cache_ids`; wait up to `wait_s` for transfers still running
@@ -104,25 +123,20 @@ class Link:
                 del self.descriptors[key]
             for key in [k for k in self.routes if k[0] in cache_ids]:
                 del self.routes[key]
+            for key in [k for k in self.prepared if k[0] in cache_ids]:
+                del self.prepared[key]
         with self.settled:
-            return self.settled.wait_for(
-                lambda: not any(self.in_flight.get(c) for c in cache_ids), wait_s)
+            self.settle_waiters += 1
+            try:
+                return self.settled.wait_for(
+                    lambda: not any(self.in_flight.get(c) for c in cache_ids), wait_s)
+            finally:
+                self.settle_waiters -= 1
 
-    @contextlib.contextmanager
-    def using(self, cache_id: int):
-        """Mark a transfer on the owner's cache `cache_id` as running (see `forget`)."""
-        with self.settled:
-            self.in_flight[cache_id] = self.in_flight.get(cache_id, 0) + 1
-        try:
-            yield
-        finally:
-            with self.settled:
-                left = self.in_flight[cache_id] - 1
-                if left:
-                    self.in_flight[cache_id] = left
-                else:
-                    del self.in_flight[cache_id]
-                self.settled.notify_all()
+    def using(self, cache_id: int) -> "_Using":
+        """`with link.using(cache_id):` marks a transfer on the owner's cache `cache_id` as
+        running (see `forget`)."""
+        return _Using(self, cache_id)
 
     def check_alive(self) -> None:
         """A same-host peer that died (or whose pid now names another process) fails the next
@@ -184,10 +198,36 @@ class Link:
         with self.lock:
             transports, self.transports = list(self.transports.values()), {}
             self.routes.clear()
+            self.prepared.clear()
         for transport in transports:
             transport.close()
         if self.rpc is not None:
             self.rpc.close()
+
+
+class _Using:
+    """(A class, not a generator: every transfer enters one.)"""
+
+    __slots__ = ("_link", "_cache_id")
+
+    def __init__(self, link: Link, cache_id: int):
+        self._link, self._cache_id = link, cache_id
+
+    def __enter__(self) -> None:
+        in_flight = self._link.in_flight
+        with self._link.settled:
+            in_flight[self._cache_id] = in_flight.get(self._cache_id, 0) + 1
+
+    def __exit__(self, *exc) -> None:
+        in_flight, cache_id = self._link.in_flight, self._cache_id
+        with self._link.settled:
+            left = in_flight[cache_id] - 1
+            if left:
+                in_flight[cache_id] = left
+            else:
+                del in_flight[cache_id]
+            if self._link.settle_waiters:
+                self._link.settled.notify_all()
 
 
 def endpoint(ip: str, port: int) -> str:

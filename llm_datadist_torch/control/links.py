@@ -31,6 +31,7 @@ from .liveness import Reaper, holds_link
 from .messages import Unlink
 from .mooncake_peering import MooncakePeering
 from .owner import Responder
+from .releases import ReleaseSender, deliver
 from .rpc_server import RpcServer
 from .serving import Serving
 
@@ -48,6 +49,7 @@ LIVENESS_TIMEOUT_S = 0.2
 LIVENESS_INTERVAL_S = 1.0
 EVICT_IDLE_S = 5.0
 MAX_EVICTION_PROBES = 3
+FINAL_RELEASE_TIMEOUT_S = 1.0  # finalize: per link with release notices left
 
 
 class LinkManager:
@@ -62,6 +64,9 @@ class LinkManager:
         self._links: Dict[int, Link] = {}
         self._sessions: Dict[bytes, Link] = {}  # tokens this side issued -> their link
         self._liveness_checked: Dict[int, float] = {}
+        self.release_sender = ReleaseSender(
+            self.all_links, f"llm_datadist_torch-release-{engine.cluster_id}",
+            engine.options.sync_kv_timeout_ms / 1000.0)
         self._serving = Serving(self, self._responder)
         self._server = RpcServer(self._serving.handle,
                                  name=f"llm_datadist_torch-{engine.cluster_id}")
@@ -132,6 +137,7 @@ class LinkManager:
         with self._lock:
             link = self._links.get(cluster_id)
         if link is not None and notify_timeout_s > 0 and link.rpc is not None:
+            deliver(link, notify_timeout_s)
             try:
                 link.rpc.call(Unlink(session=link.session), notify_timeout_s)
             except LLMException as exc:
@@ -279,6 +285,7 @@ class LinkManager:
             link = self._links.get(cluster.remote_cluster_id)
         if link is None:
             return SUCCESS  # unlinking a missing link succeeds in v2
+        deliver(link, max(deadline - time.monotonic(), 0.001))  # keys pulled: released first
         try:
             link.rpc.call(Unlink(session=link.session), max(deadline - time.monotonic(), 0.001))
         except LLMException as exc:
@@ -334,6 +341,10 @@ class LinkManager:
     # ---- shutdown --------------------------------------------------------------------------
     def close(self) -> None:
         self._reaper.close()
+        self.release_sender.close()
+        for link in self.all_links():  # keys pulled: told before the links go
+            if len(link.releases):
+                deliver(link, FINAL_RELEASE_TIMEOUT_S)
         self._invalidator.close()
         self._server.close()
         self._serving.close()

@@ -25,7 +25,9 @@ from ..core.descriptors import Fence, Geometry, Region
 #       gives each side a secret token, and every later request carries the token of the link
 #       it is served as instead of a cluster id; the handshake proves same process / same
 #       host (identity.py) instead of trusting pid and host id; limits on every field.
-PROTOCOL_VERSION = 2
+#   3 - `Release` carries a batch of `Pulled` notices, each naming the cache its key was bound
+#       to; `Resolve.released` carries the notices not acknowledged yet (ops/releases.py).
+PROTOCOL_VERSION = 3
 
 # Bytes of the staging area an owner keeps for each linked requester (StageRead / StageWrite).
 STAGING_BYTES = 64 << 20
@@ -41,6 +43,7 @@ Tensors = Annotated[list[Annotated[int, msgspec.Meta(ge=0, lt=MAX_TENSORS)]],
                     msgspec.Meta(max_length=MAX_TENSORS)]
 Token = Annotated[bytes, msgspec.Meta(max_length=64)]
 Text = Annotated[str, msgspec.Meta(max_length=256)]
+MAX_RELEASES = 1024  # release notices in one message
 
 
 class Message(msgspec.Struct, frozen=True, kw_only=True, tag_field="type"):
@@ -107,6 +110,19 @@ class ErrorReply(Message, tag="error", frozen=True, kw_only=True):
     message: str
 
 
+class Pulled(msgspec.Struct, frozen=True, kw_only=True):
+    """A release notice: these tensors of cache `cache_id` were pulled through request `key`
+    (spec §14.3). The owner applies it only while `key` is still bound to that cache, so a
+    notice delivered twice, or late, cannot release a later binding of the same key."""
+
+    key: Annotated[list[Union[Text, int]], msgspec.Meta(max_length=3)]
+    cache_id: int
+    tensors: Tensors
+
+
+Notices = Annotated[list[Pulled], msgspec.Meta(max_length=MAX_RELEASES)]
+
+
 class Resolve(Message, tag="resolve", frozen=True, kw_only=True):
     """Requester -> owner: name a cache by key and describe the pull or push to be checked."""
 
@@ -127,6 +143,9 @@ class Resolve(Message, tag="resolve", frozen=True, kw_only=True):
     dst_blocks: Blocks
     src_tensors: Tensors
     dst_tensors: Tensors
+    # Release notices not acknowledged yet: applied before this request is answered, so
+    # a key released by an earlier pull is gone for this one.
+    released: Notices = []
 
 
 class Resolved(Message, tag="resolved", frozen=True, kw_only=True):
@@ -143,11 +162,10 @@ class Resolved(Message, tag="resolved", frozen=True, kw_only=True):
 
 
 class Release(Message, tag="release", frozen=True, kw_only=True):
-    """Requester -> owner: these tensors were pulled through `key`."""
+    """Requester -> owner: release notices not acknowledged yet (one batch)."""
 
     session: Token
-    key: Annotated[list[Union[Text, int]], msgspec.Meta(max_length=3)]
-    tensors: Tensors
+    pulled: Notices
 
 
 class Unlink(Message, tag="unlink", frozen=True, kw_only=True):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Dict, Optional, Set, Tuple
+from typing import Dict, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -20,7 +20,7 @@ from ..memory.copy import SegmentBatch, copy_batches
 from ..core.descriptors import Fence, Region
 from ..core.fences import fence_table
 from ..core.plan import build_plan
-from .messages import STAGING_BYTES, Locate, Located, Place, Release, Resolve, Resolved, StageRead
+from .messages import STAGING_BYTES, Locate, Located, Place, Pulled, Resolve, Resolved, StageRead
 from ..enums import Placement
 from ..keys import INVALID_ID
 from ..status import LLMStatusCode, fail, raise_if_false
@@ -166,12 +166,18 @@ class Responder:
         offset, value = entry.fence
         return Fence(fence_table().region, offset, value)
 
-    def release(self, request: Release) -> None:
-        """The peer finished pulling these tensors through a request key."""
-        with self._engine.operation():
-            binding = self._engine.table.binding(tuple(request.key))
-            if binding is not None:
-                self._engine.table.mark_pulled(binding, request.tensors)
+    def release(self, notices: Sequence[Pulled]) -> None:
+        """The peer finished pulling these tensors through request keys. A notice about a
+        binding that is gone (released, removed, or the key now bound to another cache) is
+        one delivered twice or late: it changes nothing."""
+        if not notices:
+            return
+        table = self._engine.table
+        with self._engine.operation(), table.lock:
+            for notice in notices:
+                binding = table.binding(tuple(notice.key))
+                if binding is not None and binding.entry.cache_id == notice.cache_id:
+                    table.mark_pulled(binding, notice.tensors)
 
     def _lookup(self, request: Resolve) -> Tuple[CacheEntry, int, Optional[KeyBinding]]:
         table = self._engine.table

@@ -94,6 +94,7 @@ class Serving:
         return link
 
     def _resolve(self, link: Link, request: Resolve) -> Message:
+        self._responder.release(request.released)  # first: a released key is gone for this one
         return self._responder.resolve(request, link.exported)
 
     @staticmethod
@@ -114,7 +115,7 @@ class Serving:
         return self._responder.locate(request, link.exported)
 
     def _release(self, _link: Link, request: Release) -> Message:
-        self._responder.release(request)
+        self._responder.release(request.pulled)
         return Ack()
 
     def _unlink(self, link: Link, _request: Unlink) -> Message:

@@ -10,7 +10,6 @@ the entry *and* no copy is using it (pins), so a transfer in flight never sees i
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import threading
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
@@ -100,6 +99,7 @@ class CacheTable:
     def __init__(self):
         self.lock = threading.RLock()
         self._changed = threading.Condition(self.lock)
+        self._waiting = 0  # threads waiting on _changed: copies notify only when some do
         self._next_id = 1
         self._entries: Dict[int, CacheEntry] = {}
         self._bindings: Dict[KeyId, KeyBinding] = {}
@@ -251,11 +251,14 @@ class CacheTable:
                 self.drop(cache_id)
 
     # ---- pins: entries in use by a copy ----------------------------------------------------
-    @contextlib.contextmanager
-    def pinned(self, reading: Sequence[CacheEntry], writing: Sequence[CacheEntry] = ()):
-        """Keep the memory of these entries while a copy uses it; a retired entry (freed, or
-        about to be) is refused with `LLM_KV_CACHE_NOT_EXIST`: take its `raw` tensors only
-        inside this block."""
+    def pinned(self, reading: Sequence[CacheEntry], writing: Sequence[CacheEntry] = ()
+               ) -> "_Pins":
+        """`with table.pinned(reading, writing):` keeps the memory of these entries while a copy
+        uses it; a retired entry (freed, or about to be) is refused with
+        `LLM_KV_CACHE_NOT_EXIST`: take its `raw` tensors only inside this block."""
+        return _Pins(self, reading, writing)
+
+    def _pin(self, reading: Sequence[CacheEntry], writing: Sequence[CacheEntry]) -> None:
         with self.lock:
             for entry in (*reading, *writing):
                 if entry.retired:
@@ -265,16 +268,16 @@ class CacheTable:
                 entry.pins += 1
             for entry in writing:
                 entry.writers += 1
-        try:
-            yield
-        finally:
-            with self.lock:
-                for entry in writing:
-                    entry.writers -= 1
-                for entry in (*reading, *writing):
-                    entry.pins -= 1
-                    if entry.retired and not entry.pins:
-                        self._free_memory(entry)
+
+    def _unpin(self, reading: Sequence[CacheEntry], writing: Sequence[CacheEntry]) -> None:
+        with self.lock:
+            for entry in writing:
+                entry.writers -= 1
+            for entry in (*reading, *writing):
+                entry.pins -= 1
+                if entry.retired and not entry.pins:
+                    self._free_memory(entry)
+            if self._waiting:
                 self._changed.notify_all()
 
     def hold(self, entries: Sequence[CacheEntry]) -> Callable[[], None]:
@@ -300,13 +303,19 @@ class CacheTable:
     def wait_unpinned(self, entry: CacheEntry, timeout_s: float) -> bool:
         """Wait until no copy uses `entry` and no peer may still (its memory is let go);
         False on timeout."""
-        with self.lock:
-            return self._changed.wait_for(lambda: entry.pins == 0, timeout_s)
+        return self._wait_for(lambda: entry.pins == 0, timeout_s)
 
     def wait_no_writers(self, entry: CacheEntry, timeout_s: float) -> bool:
         """Wait until no transfer is writing into `entry`; False on timeout."""
+        return self._wait_for(lambda: entry.writers == 0, timeout_s)
+
+    def _wait_for(self, predicate, timeout_s: float) -> bool:
         with self.lock:
-            return self._changed.wait_for(lambda: entry.writers == 0, timeout_s)
+            self._waiting += 1
+            try:
+                return self._changed.wait_for(predicate, timeout_s)
+            finally:
+                self._waiting -= 1
 
     def identity_of(self, binding: KeyBinding) -> Optional[KeyId]:
         with self.lock:
@@ -351,3 +360,18 @@ class CacheTable:
         entry.raw = []
         if release is not None:
             release()
+
+
+class _Pins:
+    """(A class, not a generator: every copy enters one.)"""
+
+    __slots__ = ("_table", "_reading", "_writing")
+
+    def __init__(self, table: CacheTable, reading, writing):
+        self._table, self._reading, self._writing = table, reading, writing
+
+    def __enter__(self) -> None:
+        self._table._pin(self._reading, self._writing)
+
+    def __exit__(self, *exc) -> None:
+        self._table._unpin(self._reading, self._writing)

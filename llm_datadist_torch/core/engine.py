@@ -6,7 +6,6 @@ byte-level copies are both made from those.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -90,13 +89,10 @@ class Engine:
             logger.info("cluster %d: no accelerator, Placement.DEVICE memory is CPU memory", cluster_id)
 
     # ---- lifecycle -------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def operation(self, closed_code: LLMStatusCode = PARAM):
-        """Run one API call: shared with other calls, excluded from `close()`."""
-        with self._state.shared():
-            if self.closed:
-                fail(closed_code, "llm datadist is finalized")
-            yield self
+    def operation(self, closed_code: LLMStatusCode = PARAM) -> "_Operation":
+        """`with engine.operation() as engine:` runs one API call: shared with other calls,
+        excluded from `close()`."""
+        return _Operation(self, closed_code)
 
     def close(self) -> None:
         with self._state.exclusive():
@@ -243,3 +239,24 @@ class Engine:
                 fail(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST, "cache %d does not exist", entry.cache_id)
             raw = entry.raw[index]
         return typed_view(raw, entry.shape, entry.data_type)
+
+
+class _Operation:
+    """(A class, not a generator: every API call enters one.)"""
+
+    __slots__ = ("_engine", "_closed_code", "_shared")
+
+    def __init__(self, engine: Engine, closed_code: LLMStatusCode):
+        self._engine = engine
+        self._closed_code = closed_code
+
+    def __enter__(self) -> Engine:
+        shared = self._shared = self._engine._state.shared()
+        shared.__enter__()
+        if self._engine.closed:
+            shared.__exit__(None, None, None)
+            fail(self._closed_code, "llm datadist is finalized")
+        return self._engine
+
+    def __exit__(self, *exc) -> None:
+        self._shared.__exit__(*exc)

@@ -1,28 +1,32 @@
 """`transfer_cache_async`: a layer-by-layer push that follows model execution (spec §15.14).
 
-The arguments are checked before anything starts. A worker thread then walks the source layers
-in ascending order; for each layer some destination wants, it asks the `LayerSynchronizer`
-whether the model has written it, then pushes its K and V tensors to every such destination.
-A destination is named by key (`TransferWithCacheKeyConfig`: resolved and checked on the owner
-like any push) or by raw addresses (`TransferConfig`: located on the owner, which refuses any
-range outside its remote-accessible caches). Results are kept per destination cluster id.
+The arguments are checked before anything starts. A worker of the task pool then walks the
+source layers in ascending order; for each layer some destination wants, it asks the
+`LayerSynchronizer` whether the model has written it, then pushes its K and V tensors to every
+such destination, both in one move where they can be. A destination is named by key
+(`TransferWithCacheKeyConfig`: resolved and checked on the owner like any push) or by raw
+addresses (`TransferConfig`: located on the owner, which refuses any range outside its
+remote-accessible caches). Either is asked of the owner once per task, for all the layers of
+the config; a layer then only picks its tensors, and the owner's fence word, read around every
+move, still refuses a destination that went away meanwhile. Results are kept per destination
+cluster id.
 """
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
-import threading
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 from .._checks import check_isinstance, check_list_uint64, check_uint64
 from ..core.cache_table import CacheEntry
 from ..core.engine import Engine
-from .remote_ops import link_for, move, transfer
+from . import task_pool
+from .remote_ops import link_for, move, resolve_request
 from .transfer_args import remote_ref
-from ..core.plan import (Geometry, Plan, plan_blocks_to_blocks, plan_slot_to_blocks,
-                             plan_slot_to_slot)
+from ..control.links import Link
+from ..core.plan import (Geometry, Plan, interned, plan_blocks_to_blocks, plan_slot_to_blocks,
+                         plan_slot_to_slot)
 from ..cache import Cache
 from ..control.messages import Locate, Located
 from ..enums import Placement
@@ -34,7 +38,6 @@ logger = logging.getLogger(__name__)
 SUCCESS = LLMStatusCode.LLM_SUCCESS
 PARAM = LLMStatusCode.LLM_PARAM_INVALID
 TENSORS_PER_LAYER = 2  # K and V: fixed for this API
-_task_numbers = itertools.count(1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,15 +114,12 @@ def check_arguments(src_cache, layer_synchronizer, transfer_configs, src_block_i
 
 def start(engine: Engine, links, src_cache: Cache, layer_synchronizer: LayerSynchronizer,
           transfer_configs: Sequence, blocks: BlockArgs) -> CacheTask:
-    """Start the worker thread of a checked request."""
+    """Run a checked request on the task pool."""
     configs = list(transfer_configs)
     results: Dict[int, Optional[LLMStatusCode]] = {}
     task = _LayerTask(engine, links, src_cache.cache_id, src_cache.cache_desc.num_tensors,
                       layer_synchronizer, configs, blocks, results)
-    worker = threading.Thread(target=task.run, daemon=True,
-                              name=f"llm_datadist_torch.transfer_cache_async-{next(_task_numbers)}")
-    worker.start()
-    return CacheTask(worker, configs, results)
+    return CacheTask(task_pool.submit(task.run), configs, results)
 
 
 class _LayerTask:
@@ -134,6 +134,8 @@ class _LayerTask:
         self._configs = configs
         self._blocks = blocks
         self._results = results
+        # Per config (by position): where it sends, asked of the owner at its first layer.
+        self._targets: Dict[int, Union["_KeyTarget", "_AddressTarget"]] = {}
 
     def run(self) -> None:
         try:
@@ -148,19 +150,19 @@ class _LayerTask:
         nothing more (its result says why), the others go on."""
         failed = set()
         for layer in range(self._num_layers):
-            targets = [c for c in self._configs
+            targets = [(n, c) for n, c in enumerate(self._configs)
                        if layer in c.src_layer_range and c.dst_cluster_id not in failed]
             if not targets:
                 continue  # nobody wants this layer: the synchronizer is not asked either
             if not self._synchronizer.synchronize_layer(layer, None):
-                for config in targets:
+                for _, config in targets:
                     self._results[config.dst_cluster_id] = PARAM
                 return
-            for config in targets:
+            for number, config in targets:
                 if config.dst_cluster_id in failed:
                     continue  # an earlier config of the same destination failed on this layer
                 try:
-                    self._send_layer(config, layer)
+                    self._send_layer(number, config, layer)
                 except LLMException as exc:
                     logger.error("transfer_cache_async: layer %d to cluster %d failed: %s", layer,
                                  config.dst_cluster_id, exc)
@@ -170,48 +172,82 @@ class _LayerTask:
                 if layer == config.src_layer_range.stop - 1:
                     self._results[config.dst_cluster_id] = SUCCESS
 
-    def _send_layer(self, config, layer: int) -> None:
+    def _send_layer(self, number: int, config, layer: int) -> None:
         with self._engine.operation(PARAM) as engine:
             local = engine.table.get(self._cache_id)
-            if isinstance(config, TransferWithCacheKeyConfig):
-                self._send_by_key(engine, config, local, layer)
-            else:
-                self._send_to_addresses(engine, config, local, layer)
+            by_key = isinstance(config, TransferWithCacheKeyConfig)
+            cluster_id = config.cache_key.cluster_id if by_key else config.dst_cluster_id
+            link = link_for(engine, self._links, cluster_id, local, remote_accessible_mode=by_key)
+            deadline = time.monotonic() + engine.options.sync_kv_timeout_ms / 1000.0
+            target = self._targets.get(number)
+            if target is None or target.link is not link:  # first layer, or linked anew since
+                kind = _KeyTarget if by_key else _AddressTarget
+                target = self._targets[number] = kind(engine, link, config, local, self._blocks,
+                                                      deadline)
+            target.send(engine, local, layer, deadline)
 
-    def _send_by_key(self, engine: Engine, config: TransferWithCacheKeyConfig, local: CacheEntry,
-                     layer: int) -> None:
-        key = config.cache_key
-        link = link_for(engine, self._links, key.cluster_id, local, remote_accessible_mode=True)
-        # The intended mapping (spec §26.14): the i-th source layer goes to the i-th destination one.
-        dst_layer = config.dst_layer_range.start + (layer - config.src_layer_range.start)
-        blocks = self._blocks
+
+class _KeyTarget:
+    """A destination named by key: one `Resolve` checks the push of every layer of the config."""
+
+    def __init__(self, engine: Engine, link: Link, config: TransferWithCacheKeyConfig,
+                 local: CacheEntry, blocks: BlockArgs, deadline: float):
         raise_if_false(blocks.op != "b2b" or blocks.block_bytes in (0, local.stride),
                        "dst_block_memory_size %d differs from the %d byte source blocks",
                        blocks.block_bytes, local.stride)
-        transfer(engine, link, remote_ref(key), local, "push", blocks.op,
-                 local_slot=config.src_batch_index, nbytes=local.stride,
-                 src_blocks=blocks.src_blocks, dst_blocks=blocks.dst_blocks,
-                 src_tensors=_layer_tensors(layer), dst_tensors=_layer_tensors(dst_layer),
-                 remote_block_bytes=blocks.block_bytes if blocks.op == "c2b" else 0)
+        self.link = link
+        src_layers, dst_layers = config.src_layer_range, config.dst_layer_range
+        # The intended mapping (spec §26.14): the i-th source layer goes to the i-th destination one.
+        self._dst_layer_shift = dst_layers.start - src_layers.start
+        self._reply, self._plan = resolve_request(
+            engine, link, remote_ref(config.cache_key), local, "push", blocks.op, deadline,
+            local_slot=config.src_batch_index, nbytes=local.stride, src_blocks=blocks.src_blocks,
+            dst_blocks=blocks.dst_blocks, src_tensors=_tensors_of(src_layers),
+            dst_tensors=_tensors_of(dst_layers),
+            remote_block_bytes=blocks.block_bytes if blocks.op == "c2b" else 0)
 
-    def _send_to_addresses(self, engine: Engine, config: TransferConfig, local: CacheEntry,
-                           layer: int) -> None:
-        link = link_for(engine, self._links, config.dst_cluster_id, local,
-                        remote_accessible_mode=False)
-        deadline = time.monotonic() + engine.options.sync_kv_timeout_ms / 1000.0
-        plan, extent = _address_plan(local.geometry, self._blocks, config.src_batch_index)
-        first = TENSORS_PER_LAYER * (layer - config.src_layer_range.start)
-        addresses = list(config.dst_addrs[first:first + TENSORS_PER_LAYER])
-        reply = link.call(Locate(session=link.session, addresses=addresses, nbytes=extent),
-                          deadline - time.monotonic())
-        if not isinstance(reply, Located):
+    def send(self, engine: Engine, local: CacheEntry, layer: int, deadline: float) -> None:
+        pairs = interned(tuple(zip(_layer_tensors(layer),
+                                   _layer_tensors(layer + self._dst_layer_shift))))
+        plan, reply = self._plan, self._reply
+        move(engine, self.link, reply.cache_id, reply.fence, reply.regions,
+             Plan(pairs, plan.src_offsets, plan.dst_offsets, plan.lengths), local, pulling=False,
+             deadline=deadline)
+
+
+class _AddressTarget:
+    """A destination named by raw addresses: one `Locate` finds all of them on the owner."""
+
+    def __init__(self, engine: Engine, link: Link, config: TransferConfig, local: CacheEntry,
+                 blocks: BlockArgs, deadline: float):
+        self.link = link
+        self._first_layer = config.src_layer_range.start
+        self._plan, extent = _address_plan(local.geometry, blocks, config.src_batch_index)
+        reply = link.call(Locate(session=link.session, addresses=list(config.dst_addrs),
+                                 nbytes=extent), deadline - time.monotonic())
+        if not isinstance(reply, Located) or len(reply.places) != len(config.dst_addrs):
             fail(LLMStatusCode.LLM_FAILED, "unexpected answer %s from cluster %d",
                  type(reply).__name__, link.cluster_id)
-        for src_tensor, place in zip(_layer_tensors(layer), reply.places):
-            placed = Plan([(src_tensor, place.tensor)], plan.src_offsets,
-                          plan.dst_offsets + place.offset, plan.lengths)
-            move(engine, link, place.cache_id, place.fence, {place.tensor: place.region}, placed,
+        self._places = reply.places
+
+    def send(self, engine: Engine, local: CacheEntry, layer: int, deadline: float) -> None:
+        """K and V in one move when they lie at the same offset of tensors of one cache (the
+        usual case: the addresses of the destination's K and V tensors), else one each."""
+        first = TENSORS_PER_LAYER * (layer - self._first_layer)
+        groups: Dict[tuple, list] = {}
+        for src_tensor, place in zip(_layer_tensors(layer),
+                                     self._places[first:first + TENSORS_PER_LAYER]):
+            groups.setdefault((place.cache_id, place.fence, place.offset), []).append(
+                (src_tensor, place))
+        for (cache_id, fence, offset), members in groups.items():
+            pairs = interned(tuple((src_tensor, place.tensor) for src_tensor, place in members))
+            regions = {place.tensor: place.region for _, place in members}
+            move(engine, self.link, cache_id, fence, regions, self._plan.shifted(pairs, offset),
                  local, pulling=False, deadline=deadline)
+
+
+def _tensors_of(layers: range) -> List[int]:
+    return [tensor for layer in layers for tensor in _layer_tensors(layer)]
 
 
 def _layer_tensors(layer: int) -> List[int]:

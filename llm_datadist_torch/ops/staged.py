@@ -30,9 +30,10 @@ def staged_move(engine: Engine, link: Link, cache_id: int, fence: int, plan: Pla
     if per_tensor == 0:
         fail(LLMStatusCode.LLM_FEATURE_NOT_ENABLED, "%d tensors do not fit the %d byte staging "
              "area of cluster %d", len(plan.pairs), STAGING_BYTES, link.cluster_id)
+    src_offsets, dst_offsets, lengths = plan.tensors()
     lengths, (remote_offsets, local_offsets) = split_segments(
-        plan.lengths, per_tensor, *((plan.src_offsets, plan.dst_offsets) if pulling
-                                    else (plan.dst_offsets, plan.src_offsets)))
+        lengths, per_tensor, *((src_offsets, dst_offsets) if pulling
+                               else (dst_offsets, src_offsets)))
     moved = 0
     with link.staging_lock, engine.table.pinned([] if pulling else [local], [local] if pulling else []):
         area = None

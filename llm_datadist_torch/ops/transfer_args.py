@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import List, Optional, Tuple
 
+import torch
+
 from .._checks import check_isinstance, check_uint32, check_uint64
 from .remote_ref import RemoteRef
 from ..keys import INVALID_ID, BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex
@@ -17,12 +19,23 @@ def tensor_num_per_layer(value) -> int:
 
 
 def block_list(name: str, blocks) -> List[int]:
-    """A list/tuple of block indices; negative ones are a `TypeError` like the native binding's.
+    """A list/tuple of block indices, or a 1-D integer torch tensor or numpy array of them (an
+    engine's block table); negative ones are a `TypeError` like the native binding's.
 
     Checked with min/max over the whole list: block lists run to thousands of entries.
     """
     if blocks is None:
         raise TypeError(f"{name} only support list or tuple of int, but got None")
+    if isinstance(blocks, torch.Tensor):
+        if blocks.dim() != 1 or blocks.dtype.is_floating_point or blocks.dtype.is_complex:
+            raise TypeError(f"{name} as a tensor must be 1-D of an integer dtype, got "
+                            f"{blocks.dim()}-D {blocks.dtype}")
+        blocks = blocks.tolist()
+    elif type(blocks).__module__ == "numpy" and hasattr(blocks, "tolist"):
+        if getattr(blocks, "ndim", None) != 1 or blocks.dtype.kind not in "iub":
+            raise TypeError(f"{name} as a numpy array must be 1-D of an integer dtype, got "
+                            f"{getattr(blocks, 'ndim', '?')}-D {getattr(blocks, 'dtype', '?')}")
+        blocks = blocks.tolist()
     if not isinstance(blocks, (list, tuple)) or not set(map(type, blocks)) <= {int, bool}:
         check_isinstance(name, blocks, (list, tuple), int)  # raises, naming the offender
     if blocks and min(blocks) < 0:
@@ -41,6 +54,8 @@ def check_request_key(key: CacheKey) -> None:
 
 def pull_tensor_indices(kwargs: dict, local_num_tensors: int) -> Tuple[List[int], List[int]]:
     """Layer-range kwargs of a pull -> (source tensor indices, destination tensor indices)."""
+    if not kwargs:  # every tensor: the usual call
+        return [], []
     per_layer = tensor_num_per_layer(kwargs.get("tensor_num_per_layer", 2))
     src, dst = pull_layer_ranges_to_tensor_indices(kwargs.get("src_layer_range"),
                                                    kwargs.get("dst_layer_range"), per_layer)

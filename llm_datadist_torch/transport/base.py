@@ -190,7 +190,8 @@ class Transport(abc.ABC):
     def __init__(self, peer: Peer):
         self.peer = peer
         self._closed = False
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()  # taken directly by enter()/leave(): no Python frames
+        self._cond = threading.Condition(self._lock)
         self._active = 0  # copies in flight; close() must not unmap under them
 
     @classmethod
@@ -237,20 +238,36 @@ class Transport(abc.ABC):
         with self._in_use():
             return self._checked_transfer(list(items), timeout_s, to_remote)
 
+    def enter(self) -> None:
+        """Start an operation: `close()` waits until `leave()` (`LLM_NOT_YET_LINK` once closed)."""
+        with self._lock:
+            if not self._closed:
+                self._active += 1
+                return
+        fail(LLMStatusCode.LLM_NOT_YET_LINK, "%s transport to peer pid %d is closed",
+             self.name, self.peer.pid)
+
+    def leave(self) -> None:
+        with self._lock:
+            self._active -= 1
+            if self._closed and not self._active:  # close() waits for the last one
+                self._cond.notify_all()
+
     @contextlib.contextmanager
     def _in_use(self):
         """One operation in flight: `close()` waits for it."""
-        with self._cond:
-            if self._closed:
-                fail(LLMStatusCode.LLM_NOT_YET_LINK, "%s transport to peer pid %d is closed",
-                     self.name, self.peer.pid)
-            self._active += 1
+        self.enter()
         try:
             yield
         finally:
-            with self._cond:
-                self._active -= 1
-                self._cond.notify_all()
+            self.leave()
+
+    def native_bases(self, regions: Sequence[Region]) -> Optional[Tuple[int, List[int]]]:
+        """(pid, bases): where the native copies reach each of `regions` (CPU memory): at
+        `bases[i]` in process `pid`, or in this process when `pid` is 0 (the peer is this
+        process, or its file is mapped here). None when this transport moves bytes some other
+        way. Valid between `enter()` and `leave()` (a mapping lives until `close()`)."""
+        return None
 
     def _checked_transfer(self, items: List[TransferItem], timeout_s: Optional[float],
                           to_remote: bool) -> int:
@@ -282,6 +299,11 @@ class Transport(abc.ABC):
         """Move the segments (items checked by `check_items`, at least one byte) through one of
         the native calls that check every range first (`copy_by_address`, `_C.cma_read`, ...,
         `Segments.addresses`); raise `LLMException` on failure."""
+
+    def raise_os_error(self, exc: OSError, what: str) -> NoReturn:
+        """A system call of this transport's failed while moving `what`."""
+        fail(LLMStatusCode.LLM_FAILED, "%s %s with peer pid %d failed: %s", self.name, what,
+             self.peer.pid, exc)
 
     def _release(self) -> None:
         """Drop whatever the transport holds; called once, with no copy in flight."""

@@ -12,7 +12,7 @@ import errno
 import logging
 import os
 import threading
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, NoReturn, Optional, Set
 
 from ..memory.native import _C
 from ..memory.copy import COPY_THREADS, SegmentRangeError
@@ -95,11 +95,14 @@ class CmaTransport(Transport):
         except SegmentRangeError as exc:
             segments.refuse(exc)
         except OSError as exc:
-            self._raise(exc, items, to_remote)
+            self.raise_os_error(exc, "%s of %d item(s), first %s" % (
+                "write" if to_remote else "read", len(items), self.describe(items[0].region)))
 
-    def _raise(self, exc: OSError, items: List[TransferItem], to_remote: bool) -> None:
-        what = "%s of %d item(s), first %s" % ("write" if to_remote else "read", len(items),
-                                               self.describe(items[0].region))
+    def native_bases(self, regions):
+        return self.peer.pid, [region.address for region in regions]
+
+    def raise_os_error(self, exc: OSError, what: str) -> NoReturn:
+        """A failed `process_vm_readv`/`writev` of `what` as the `LLMException` it means."""
         if exc.errno == errno.ESRCH:
             fail(LLMStatusCode.LLM_LINK_FAILED, "cma %s: peer process %d is gone (%s)",
                  what, self.peer.pid, exc)

@@ -19,6 +19,11 @@ class LocalTransport(Transport):
     def can_serve(cls, peer: Peer, region: Region) -> bool:
         return peer.same_process
 
+    def native_bases(self, regions):
+        if any(region.device != "cpu" for region in regions):
+            return None
+        return 0, [region.address for region in regions]
+
     def _read_word(self, region: Region, offset: int, timeout_s) -> int:
         if region.device != "cpu":
             return super()._read_word(region, offset, timeout_s)

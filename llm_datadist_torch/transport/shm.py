@@ -66,6 +66,9 @@ class ShmTransport(Transport):
         bases = [self._mapping(item.region).address + item.region.shm_offset for item in items]
         copy_by_address(items, segments, bases, "cpu", to_remote)
 
+    def native_bases(self, regions):
+        return 0, [self._mapping(region).address + region.shm_offset for region in regions]
+
     def _read_word(self, region: Region, offset: int, timeout_s) -> int:
         mapping = self._mapping(region)  # checks that the region lies inside the file
         return mapping.read_word(region.shm_offset + offset)

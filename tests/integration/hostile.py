@@ -247,8 +247,8 @@ def message_strategy(cls, overrides: Optional[Dict[str, st.SearchStrategy]] = No
     complete = st.fixed_dictionaries(mangled)
     partial = st.fixed_dictionaries({}, optional=mangled)
     extra = st.fixed_dictionaries(mangled, optional={"zz_unknown": WRONG_TYPES})
-    version = st.one_of([st.just(PROTOCOL_VERSION)] * 8 + [st.sampled_from([1, 3, -1, 2**64 - 1,
-                                                                           "2", None])])
+    version = st.one_of([st.just(PROTOCOL_VERSION)] * 8 + [st.sampled_from([
+        PROTOCOL_VERSION - 1, PROTOCOL_VERSION + 1, -1, 2**64 - 1, str(PROTOCOL_VERSION), None])])
     broken = st.builds(lambda body, v: frame(info.tag, body, v),
                        st.one_of(complete, complete, partial, extra), version)
     return st.one_of(well_formed, broken)

@@ -367,8 +367,10 @@ def test_truncated_frames(target):
         run()
 
 
-@pytest.mark.parametrize("version", [0, 1, 3, 255, 2**32, 2**64 - 1, -1, "2", b"\x02", None, 2.0,
-                                     [2]], ids=repr)
+@pytest.mark.parametrize("version", [0, m.PROTOCOL_VERSION - 1, m.PROTOCOL_VERSION + 1, 255,
+                                     2**32, 2**64 - 1, -1, str(m.PROTOCOL_VERSION),
+                                     bytes([m.PROTOCOL_VERSION]), None,
+                                     float(m.PROTOCOL_VERSION), [m.PROTOCOL_VERSION]], ids=repr)
 def test_wrong_protocol_versions(target, version):
     with target.peer() as peer:
         for payload in (frame_for(m.Ping, version=version), hello(target, version=version),

@@ -85,8 +85,12 @@ def test_pull_by_id_reuses_the_answer_except_for_keyed_slots(linked_pair):
     with raises_llm(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST):
         puller.cache_manager.pull_cache(CacheKeyByIdAndIndex(owner.cluster_id, slots.cache_id,
                                                              SHAPE[0]), local, 0)
-    # Slot 0 carries a key: the pull goes to the owner, which releases the key after it.
+    # Slot 0 carries a key: the pull goes to the owner, which releases the key once the
+    # notice that follows the pull arrives.
     puller.cache_manager.pull_cache(CacheKeyByIdAndIndex(owner.cluster_id, slots.cache_id, 0), local, 0)
     for mine, theirs in zip(local.tensors, slots.tensors):
         assert torch.equal(mine, theirs)
-    assert ("req", 77, 0) not in owner.cache_manager._engine.table.bound_keys()
+    deadline = time.monotonic() + 10
+    while ("req", 77, 0) in owner.cache_manager._engine.table.bound_keys():
+        assert time.monotonic() < deadline, "the pulled key stays bound"
+        time.sleep(0.01)

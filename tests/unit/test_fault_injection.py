@@ -81,10 +81,17 @@ def test_a_failed_copy_is_a_typed_error_and_the_next_pull_works(make_datadist):
     assert bool((local.tensors[1][:2] == 5).all())
 
 
-def test_a_pull_whose_release_notice_is_lost_still_succeeds(keyed_pair):
-    """The bytes arrived: a lost Release does not turn the pull into a failure."""
+def test_a_lost_release_notice_fails_nothing_and_is_sent_again(keyed_pair):
+    """The bytes arrived: a lost Release does not fail the pull; the engine sends the notice
+    again until the owner releases the key."""
     owner, puller, keys, local = keyed_pair
     faults.arm("rpc.drop", "Release", count=1)
     puller.cache_manager.pull_cache(keys[2], local, 2)
     assert bool((local.tensors[0][2] == 7).all())
-    assert puller._links.get(owner.cluster_id).pending_releases  # kept to be told later
+    deadline = time.monotonic() + 10
+    while ("req", 2, 0) in owner._engine.table.bound_keys():
+        assert time.monotonic() < deadline, "the key was never released"
+        time.sleep(0.02)
+    assert not len(puller._links.get(owner.cluster_id).releases)
+    with raises_llm(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST):
+        puller.cache_manager.pull_cache(keys[2], local, 2)

@@ -7,6 +7,7 @@ import pytest
 from llm_datadist_torch.data_type import DataType
 from llm_datadist_torch.enums import Memtype
 from llm_datadist_torch.keys import BlocksCacheKey, CacheKey, CacheKeyByIdAndIndex
+from llm_datadist_torch.ops import task_pool
 from llm_datadist_torch.status import LLMStatusCode
 from llm_datadist_torch.transfer_types import (
     CacheTask, LayerSynchronizer, MemInfo, TensorDesc, TransferConfig, TransferWithCacheKeyConfig,
@@ -250,7 +251,7 @@ def test_key_config_setters():
 # -- CacheTask -------------------------------------------------------------------------------
 
 def make_task(configs, outcome, gate=None):
-    """A real worker thread that waits on `gate`, then records `outcome` into the results."""
+    """A job on the real task pool that waits on `gate`, then records `outcome` into the results."""
     results = {}
 
     def work():
@@ -258,9 +259,7 @@ def make_task(configs, outcome, gate=None):
             gate.wait(10)
         results.update(outcome)
 
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
-    return CacheTask(worker, configs, results)
+    return CacheTask(task_pool.submit(work), configs, results)
 
 
 def configs_for(*cluster_ids):
