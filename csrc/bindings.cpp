@@ -297,14 +297,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
           "run",
           [](const PreparedCopy& copy, const std::vector<int64_t>& remote_offsets,
              const std::vector<int64_t>& local_offsets, const std::vector<int64_t>& lengths,
-             bool to_remote, int64_t max_threads) {
+             bool to_remote, int64_t max_threads, bool ordered) {
             check_max_threads(max_threads);
             py::gil_scoped_release no_gil;
             return copy.run(remote_offsets, local_offsets, lengths, to_remote,
-                            static_cast<int>(max_threads));
+                            static_cast<int>(max_threads), ordered);
           },
           py::arg("remote_offsets"), py::arg("local_offsets"), py::arg("lengths"),
-          py::arg("to_remote"), py::arg("max_threads") = 2)
+          py::arg("to_remote"), py::arg("max_threads") = 2, py::arg("ordered") = false)
       .def_property_readonly("pairs", &PreparedCopy::pairs);
   m.attr("FENCE_MOVED_BEFORE") = kFenceMovedBefore;
   m.attr("FENCE_MOVED_AFTER") = kFenceMovedAfter;

@@ -26,13 +26,14 @@ PreparedCopy::PreparedCopy(int64_t data_pid, std::vector<int64_t> remote_regions
     throw RegistryError("PreparedCopy: remote and local region tables must have the same number "
                         "of (base, size) rows");
   }
-  if (fence_.addr % sizeof(int64_t) != 0 || fence_.addr == 0) {
+  if (fence_.addr % sizeof(int64_t) != 0) {
     throw RegistryError("PreparedCopy: fence word address " + hex(fence_.addr) +
                         " is not an aligned 8-byte word");
   }
 }
 
 int64_t PreparedCopy::read_fence() const {
+  if (fence_.addr == 0) return fence_.value;  // no fence: copies inside this process
   if (fence_.pid == 0) {
     return __atomic_load_n(reinterpret_cast<const int64_t*>(fence_.addr), __ATOMIC_ACQUIRE);
   }
@@ -54,7 +55,7 @@ int64_t PreparedCopy::read_fence() const {
 int64_t PreparedCopy::run(const std::vector<int64_t>& remote_offsets,
                           const std::vector<int64_t>& local_offsets,
                           const std::vector<int64_t>& lengths, bool to_remote,
-                          int max_threads) const {
+                          int max_threads, bool ordered) const {
   const size_t n = lengths.size();
   if (remote_offsets.size() != n || local_offsets.size() != n) {
     throw RegistryError("PreparedCopy.run: remote_offsets, local_offsets and lengths differ in "
@@ -80,7 +81,7 @@ int64_t PreparedCopy::run(const std::vector<int64_t>& remote_offsets,
   if (read_fence() != fence_.value) return kFenceMovedBefore;
   if (data_pid_ != 0) {
     if (total > 0) {
-      if (segments.size() > kSortMinSegments) sort_segments(segments, kRemote);
+      if (!ordered && segments.size() > kSortMinSegments) sort_segments(segments, kRemote);
       cma_transfer(data_pid_, segments.data(), segments.size(), total, to_remote, max_threads);
     }
   } else if (total > 0) {
@@ -88,8 +89,12 @@ int64_t PreparedCopy::run(const std::vector<int64_t>& remote_offsets,
     if (!to_remote) {
       for (Segment& s : segments) std::swap(s.addr[0], s.addr[1]);
     }
-    if (segments.size() > kSortMinSegments) sort_segments(segments, 0);
-    copy_segments(segments.data(), segments.size(), total, max_threads);
+    if (ordered) {
+      copy_segments(segments.data(), segments.size(), total, 1);
+    } else {
+      if (segments.size() > kSortMinSegments) sort_segments(segments, 0);
+      copy_segments(segments.data(), segments.size(), total, max_threads);
+    }
   }
   // The copy's loads are done before the word is read again (seqlock reader).
   std::atomic_thread_fence(std::memory_order_acquire);

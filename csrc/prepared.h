@@ -11,7 +11,8 @@
 namespace llm_datadist_torch {
 
 // Where a fence word is read: in this process (pid 0: the owner's table mapped here, or this
-// process's own) or in process `pid` (CMA). `value` is what the owner said it holds.
+// process's own) or in process `pid` (CMA). `value` is what the owner said it holds. Address 0:
+// no fence (copies between caches of this process, which pins them itself).
 struct FenceWord {
   int64_t pid;
   uint64_t addr;
@@ -35,9 +36,12 @@ class PreparedCopy {
   // remote_offsets[j] and local region p at local_offsets[j], remote -> local unless
   // `to_remote`. Every segment is checked against its regions first (resolve_segments:
   // SegmentRangeError, nothing moved). The fence word is read before and after the bytes
-  // (a seqlock); returns the bytes moved, or kFenceMovedBefore / kFenceMovedAfter.
+  // (a seqlock); returns the bytes moved, or kFenceMovedBefore / kFenceMovedAfter. `ordered`:
+  // one thread, segments in order pair by pair (a segment may read what an earlier one wrote);
+  // otherwise sorted by address and spread over `max_threads` threads.
   int64_t run(const std::vector<int64_t>& remote_offsets, const std::vector<int64_t>& local_offsets,
-              const std::vector<int64_t>& lengths, bool to_remote, int max_threads) const;
+              const std::vector<int64_t>& lengths, bool to_remote, int max_threads,
+              bool ordered) const;
 
   size_t pairs() const { return remote_regions_.size() / 2; }
 

@@ -21,6 +21,7 @@ SUITES = {
     "local": "llm_datadist_torch.bench.local_ops",
     "transfer": "llm_datadist_torch.bench.transfer",
     "model": "llm_datadist_torch.bench.model",
+    "calls": "llm_datadist_torch.bench.calls",
 }
 PEER_NAMES = ("nixl", "mooncake-te")  # keys of peers.PEERS, listed here to keep --help light
 

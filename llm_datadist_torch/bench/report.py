@@ -175,6 +175,14 @@ def write_markdown(path: str, meta: dict, rows: List[dict], peers: List[dict],
         from . import model_report  # it imports this module
 
         model_report.write(rows, out)
+        calls = [row for row in rows if row.get("suite") == "calls"]
+        if calls:
+            from .calls import __doc__ as about
+            print("## Cost per call\n", file=out)
+            print(about.split("\n\n", 1)[1].strip() + "\n", file=out)
+            for group in _groups(calls):
+                _markdown_table(group, out)
+                print(file=out)
         print("## Numbers\n", file=out)
         for group in _groups(rows):
             _markdown_table(group, out)

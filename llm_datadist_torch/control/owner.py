@@ -6,6 +6,7 @@ request was checked here against the owner's own table.
 """
 from __future__ import annotations
 
+import bisect
 import os
 import threading
 from typing import Dict, Optional, Sequence, Set, Tuple
@@ -128,35 +129,47 @@ class Responder:
                        request.dst_blocks, request.src_tensors, request.dst_tensors)  # checks only
             # Every tensor, not only the planned ones: a requester may keep this answer for
             # later requests on the same cache (it is told when the cache goes away).
-            regions = {index: entry.region(index) for index in range(entry.num_tensors)}
+            regions = entry.regions()
             release_key = None
             if pulling and binding is not None and binding.releasable:
                 release_key = self._engine.table.identity_of(binding)
             exported.add(entry.cache_id)
+            # Only an answer to a pull by cache id is kept for other slots (ops/remote_ops.py).
+            keyed_slots = (self._engine.table.keyed_slots(entry)
+                           if request.key_kind == "id_index" else [])
             return Resolved(cache_id=entry.cache_id, geometry=mine, fence=self._fence(entry),
                             placement=int(entry.placement), slot=slot, regions=regions,
-                            release_key=release_key,
-                            keyed_slots=self._engine.table.keyed_slots(entry))
+                            release_key=release_key, keyed_slots=keyed_slots)
 
     def locate(self, request: Locate, exported: Set[int]) -> Located:
         """Find the remote-accessible cache tensor that holds each requested address range; a
         range that is not wholly inside one is refused (raw addresses are never trusted)."""
         with self._engine.operation(), self._engine.table.lock:
-            tensors = [(entry, index, raw.data_ptr(), raw.numel())
-                       for entry in self._engine.table.entries() if entry.remote_accessible
-                       for index, raw in enumerate(entry.raw)]
+            # Tensors by start address: each range is looked up with a bisection (a layer-wise
+            # push locates two addresses per layer of a model at once).
+            tensors = sorted(((raw.data_ptr(), raw.numel(), entry, index)
+                              for entry in self._engine.table.entries() if entry.remote_accessible
+                              for index, raw in enumerate(entry.raw)), key=lambda t: t[0])
+            starts = [t[0] for t in tensors]
             places = []
             for address in request.addresses:
-                found = [(entry, index, address - start) for entry, index, start, nbytes in tensors
-                         if start <= address and address + request.nbytes <= start + nbytes]
-                raise_if_false(bool(found), "no cache of cluster %d registered for remote access "
-                               "holds [0x%x, +%d bytes)", self._engine.cluster_id, address,
-                               request.nbytes)
-                entry, index, offset = found[0]
-                places.append(Place(cache_id=entry.cache_id, tensor=index, offset=offset,
-                                    region=entry.region(index), fence=self._fence(entry)))
+                start, entry, index = self._holder(tensors, starts, address, request.nbytes)
+                places.append(Place(cache_id=entry.cache_id, tensor=index, offset=address - start,
+                                    region=entry.regions()[index], fence=self._fence(entry)))
                 exported.add(entry.cache_id)
             return Located(places=places)
+
+    def _holder(self, tensors, starts, address: int, nbytes: int) -> Tuple[int, CacheEntry, int]:
+        """(start, entry, tensor index) of a tensor holding [address, +nbytes): the one that
+        starts last at or before `address`, unless registrations overlap."""
+        at = bisect.bisect_right(starts, address) - 1
+        while at >= 0:
+            start, size, entry, index = tensors[at]
+            if address + nbytes <= start + size:
+                return start, entry, index
+            at -= 1
+        fail(LLMStatusCode.LLM_PARAM_INVALID, "no cache of cluster %d registered for remote "
+             "access holds [0x%x, +%d bytes)", self._engine.cluster_id, address, nbytes)
 
     @staticmethod
     def _fence(entry: CacheEntry) -> Fence:

@@ -61,6 +61,7 @@ class CacheEntry:
     writers: int = 0
     retired: bool = False
     fence: Optional[Tuple[int, int]] = None  # (offset in the fence table, value): fences.py
+    _regions: Optional[Dict[int, Region]] = None  # regions(), worked out at its first call
 
     @property
     def slots(self) -> int:
@@ -78,6 +79,12 @@ class CacheEntry:
     @property
     def geometry(self) -> Geometry:
         return Geometry(self.num_tensors, self.slots, self.tensor_bytes, self.is_blocks)
+
+    def regions(self) -> Dict[int, Region]:
+        """Every tensor's region by index (the memory of an entry never moves): do not modify."""
+        if self._regions is None:
+            self._regions = {index: self.region(index) for index in range(self.num_tensors)}
+        return self._regions
 
     def region(self, index: int) -> Region:
         """Where tensor `index` lives, as a peer needs to know it."""

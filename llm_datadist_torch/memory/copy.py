@@ -40,13 +40,6 @@ class SegmentBatch:
     dst_offsets: torch.Tensor
     lengths: torch.Tensor
 
-    @classmethod
-    def uniform(cls, src, dst, src_offsets, dst_offsets, length: int) -> "SegmentBatch":
-        src_offsets = torch.as_tensor(src_offsets, dtype=torch.int64)
-        dst_offsets = torch.as_tensor(dst_offsets, dtype=torch.int64)
-        lengths = torch.full_like(src_offsets, length)
-        return cls(src, dst, src_offsets, dst_offsets, lengths)
-
 
 def region_table(regions: Sequence[Tuple[int, int]],
                  where: Optional[Callable[[int], str]] = None) -> torch.Tensor:
@@ -137,6 +130,27 @@ def copy_batches(batches: Sequence[SegmentBatch], ordered: bool = False,
     for batch in batches:
         _copy_with_torch(batch, ordered)
     return total
+
+
+def copy_pairs(src: Sequence[torch.Tensor], dst: Sequence[torch.Tensor],
+               src_offsets: List[int], dst_offsets: List[int], lengths: List[int],
+               ordered: bool = False) -> int:
+    """The same segments from `src[i]` to `dst[i]` for every i (`ordered` as `copy_batches`);
+    returns the bytes moved. CPU memory: one native call (`_C.PreparedCopy` without a fence),
+    whatever the number of tensors; otherwise `copy_batches`."""
+    if not lengths or not src:
+        return 0
+    if all(t.is_cpu for t in src) and all(t.is_cpu for t in dst):
+        copy = _C.PreparedCopy(0, [v for t in src for v in (t.data_ptr(), t.nbytes)],
+                               [v for t in dst for v in (t.data_ptr(), t.nbytes)], 0, 0, 0)
+        try:  # the source is the "remote" side of the prepared copy: remote -> local
+            return copy.run(src_offsets, dst_offsets, lengths, False,
+                            1 if ordered else COPY_THREADS, ordered)
+        except SegmentRangeError as exc:
+            refuse(exc, [len(lengths)] * len(src), "tensor pair",
+                   sides={"remote": "source", "local": "destination"})
+    offsets = [torch.tensor(v, dtype=torch.int64) for v in (src_offsets, dst_offsets, lengths)]
+    return copy_batches([SegmentBatch(s, d, *offsets) for s, d in zip(src, dst)], ordered)
 
 
 def _cat(tensors: List[torch.Tensor]) -> torch.Tensor:

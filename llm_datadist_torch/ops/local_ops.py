@@ -1,7 +1,8 @@
 """Copies inside one process: `copy_cache`, `copy_blocks`, `swap_blocks` (spec §15.15-15.17).
 
-Each operation turns its indices into byte segments once (vectorised) and makes one copy call
-for all tensors, outside the table lock; the entries involved are pinned meanwhile.
+Each operation turns its indices into byte segments once, the same for every tensor, and
+makes one copy call for all tensors (`copy_pairs`), outside the table lock; the entries involved
+are pinned meanwhile.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from ..memory.native import _C
 from ..core.cache_table import CacheEntry
 from ..core.engine import Engine
-from ..memory.copy import SegmentBatch, copy_batches
+from ..memory.copy import copy_pairs
 from ..enums import Placement
 from ..status import LLMStatusCode, raise_if_false
 
@@ -37,28 +38,23 @@ def copy_cache(engine: Engine, dst: CacheEntry, src: CacheEntry, dst_batch_index
                    nbytes, offset, src.stride, dst.stride)
     src_off = src_batch_index * src.stride + offset
     dst_off = dst_batch_index * dst.stride + offset
-    batches = [SegmentBatch.uniform(s, d, [src_off], [dst_off], nbytes)
-               for s, d in zip(src.raw, dst.raw)]
     with engine.table.pinned([src], [dst]):
-        copy_batches(batches, ordered=dst is src)
+        copy_pairs(src.raw, dst.raw, [src_off], [dst_off], [nbytes], ordered=dst is src)
 
 
 def copy_blocks(engine: Engine, entry: CacheEntry, pairs: Sequence[Tuple[int, int]]) -> None:
     """Copy block s to block d for every (s, d), in order, in every tensor."""
     if not pairs:
         return
-    index = torch.tensor(pairs, dtype=torch.int64)
-    raise_if_false(bool(((index >= 0) & (index < entry.slots)).all()),
+    raise_if_false(all(0 <= s < entry.slots and 0 <= d < entry.slots for s, d in pairs),
                    "copy_blocks: block indices must be in [0, %d)", entry.slots)
-    sources, destinations = index[:, 0], index[:, 1]
     # A block written twice, or written and read, needs the sequential order upstream has.
     targets = {dst for _, dst in pairs}
     dependent = len(targets) < len(pairs) or any(src in targets for src, _ in pairs)
     stride = entry.stride
-    batches = [SegmentBatch.uniform(raw, raw, sources * stride, destinations * stride, stride)
-               for raw in entry.raw]
     with engine.table.pinned([], [entry]):
-        copy_batches(batches, ordered=dependent)
+        copy_pairs(entry.raw, entry.raw, [s * stride for s, _ in pairs],
+                   [d * stride for _, d in pairs], [stride] * len(pairs), ordered=dependent)
 
 
 def raw_from_addresses(addrs: Sequence[int], nbytes: int) -> List[torch.Tensor]:
@@ -78,14 +74,13 @@ def swap_blocks(engine: Engine, src: Tuple[List[torch.Tensor], List[CacheEntry]]
     """
     if not pairs:
         return
-    index = torch.tensor(pairs, dtype=torch.int64)
     src_raw, src_entries = src
     dst_raw, dst_entries = dst
-    batches = [SegmentBatch.uniform(s, d, index[:, 0] * block_bytes, index[:, 1] * block_bytes,
-                                    block_bytes) for s, d in zip(src_raw, dst_raw)]
-    duplicate_targets = len(set(index[:, 1].tolist())) < len(pairs)
+    duplicate_targets = len({d for _, d in pairs}) < len(pairs)
     with engine.table.pinned(src_entries, dst_entries):
-        copy_batches(batches, ordered=duplicate_targets)
+        copy_pairs(src_raw, dst_raw, [s * block_bytes for s, _ in pairs],
+                   [d * block_bytes for _, d in pairs], [block_bytes] * len(pairs),
+                   ordered=duplicate_targets)
 
 
 def swap_direction_ok(src_placement, dst_placement) -> bool:

@@ -63,3 +63,16 @@ def test_transfer_suite_json_lines():
         (transport, "pull_blocks_1x16KiB_latency") for transport in transports}
     assert {row["transport"] for row in rows if row["op"] == "link_clusters"} == (
         {"zmq", "mooncake"} & (transports | {"zmq"}))
+
+
+def test_calls_suite_json_lines():
+    """One row per measurement; the keyed pulls' bytes and key releases are checked by the
+    suite itself (a failure is a non-zero exit)."""
+    rows = bench_rows("calls")
+    by_op = {row["op"]: row for row in rows}
+    assert set(by_op) == {"ping", "pull_cache by id (answer kept)", "pull_cache by CacheKey",
+                          "memcpy of the pushed bytes", "transfer_cache_async of 32 layers"}
+    for row in rows:
+        assert row["suite"] == "calls" and row["tensors"] == 64, row
+        assert 0 < row["p50_us"] <= row["p99_us"], row
+    assert "per_layer_us" in by_op["transfer_cache_async of 32 layers"]
