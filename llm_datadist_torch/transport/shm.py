@@ -20,6 +20,7 @@ from ..core.descriptors import Region
 from .base import (Peer, Segments, TransferItem, Transport, copy_by_address)
 
 SHM_DIR = "/dev/shm"
+POPULATE_MAX_BYTES = 1 << 30
 
 
 class _Mapping:
@@ -29,9 +30,12 @@ class _Mapping:
         fd = os.open(path, os.O_RDWR)
         try:
             self.size = os.fstat(fd).st_size
-            # MAP_POPULATE: the owner populated the file, so this only fills our page tables,
-            # once; otherwise every first read of a 4 KiB page costs a fault inside a pull.
-            self._mmap = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+            # The owner populated the file, so MAP_POPULATE only fills our page tables, once
+            # (about 50 ms per GiB here); otherwise every first read of a 4 KiB page costs a
+            # fault inside a pull. Larger files are faulted in as they are read, so that the
+            # first pull does not pay for the whole pool.
+            populate = mmap.MAP_POPULATE if self.size <= POPULATE_MAX_BYTES else 0
+            self._mmap = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED | populate,
                                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
         finally:
             os.close(fd)
