@@ -24,7 +24,7 @@ from .. import (CacheDesc, CacheKey, CacheKeyByIdAndIndex, DataType, LLMDataDist
 from ..control.host import free_port
 from ..control.messages import Ping
 from . import model_shapes as ms
-from .common import DataMismatch
+from .common import DataMismatch, stop_prompt
 from .transfer import DECODER_ID, PROMPT_ID, _link, _options
 
 LAYERS = 32
@@ -104,14 +104,7 @@ def run(_args) -> List[dict]:
         _link(decoder, port)
         return _measure(decoder, parent, keyed_id, sink_addrs)
     finally:
-        try:
-            parent.send("done")
-        except OSError:
-            pass
-        prompt.join(30)
-        if prompt.is_alive():
-            prompt.kill()
-        decoder.finalize()
+        stop_prompt(parent, prompt, decoder)
 
 
 def _measure(decoder, conn, keyed_id: int, sink_addrs: List[int]) -> List[dict]:

@@ -1,4 +1,5 @@
-"""Helpers shared by the benchmark suites: timing and the wrong-data error."""
+"""Helpers shared by the benchmark suites: timing, the wrong-data error, the end of a run with
+a prompt process."""
 from __future__ import annotations
 
 import statistics
@@ -31,3 +32,16 @@ def median(values) -> float:
 
 def gbps(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
+
+
+def stop_prompt(conn, prompt, decoder) -> None:
+    """Tell the prompt process (`multiprocessing.Process`, answering on `conn`) that the run is
+    done, wait for it (killed after 30 s) and finalize the decoder."""
+    try:
+        conn.send("done")
+    except OSError:
+        pass
+    prompt.join(30)
+    if prompt.is_alive():
+        prompt.kill()
+    decoder.finalize()

@@ -21,7 +21,7 @@ import torch
 from .. import (BlocksCacheKey, CacheDesc, DataType, LLMDataDist, LLMRole, Placement)
 from ..control.host import free_port
 from . import model_shapes as ms
-from .common import DataMismatch
+from .common import DataMismatch, stop_prompt
 from .transfer import DECODER_ID, PROMPT_ID, _link, _options
 
 TRANSPORTS = ("shm", "cma")  # pool memory, registered memory
@@ -168,14 +168,7 @@ def measure(shapes: List[ms.Shape], calls: int = 0) -> List[dict]:
             rows += [memcpy_row(shape, calls) for shape in group]
         return rows
     finally:
-        try:
-            parent.send("done")
-        except OSError:
-            pass
-        prompt.join(30)
-        if prompt.is_alive():
-            prompt.kill()
-        decoder.finalize()
+        stop_prompt(parent, prompt, decoder)
 
 
 def shapes_of(args) -> List[ms.Shape]:

@@ -57,6 +57,9 @@ class Link:
     prepared: Dict[tuple, tuple] = dataclasses.field(default_factory=dict)
     # Owner side: cache ids whose answers this peer may have kept.
     exported: Set[int] = dataclasses.field(default_factory=set)
+    # Owner side: (request key, cache id) this peer was answered about and may release
+    # (owner.py); a notice about any other key is not its to give.
+    releasable: Dict[tuple, None] = dataclasses.field(default_factory=dict)
     # Requester side: release notices (request keys pulled) not acknowledged yet.
     releases: ReleaseQueue = dataclasses.field(default_factory=ReleaseQueue)
     # Requester side: one staged transfer at a time uses the owner's staging area.

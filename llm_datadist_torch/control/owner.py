@@ -29,6 +29,9 @@ from ..status import LLMStatusCode, fail, raise_if_false
 NOT_EXIST = LLMStatusCode.LLM_KV_CACHE_NOT_EXIST
 # Staging areas one engine keeps at most (each STAGING_BYTES of /dev/shm, one per requester
 # that moves device memory); freed when the requester's link goes.
+# Request keys one peer may still release (answered, not yet released); beyond, the oldest are
+# forgotten and left to remove_cache_key.
+MAX_RELEASABLE = 4096
 MAX_STAGING_AREAS = int(os.environ.get("LLM_DATADIST_TORCH_MAX_STAGING_AREAS", "8"))
 
 
@@ -111,9 +114,11 @@ class Responder:
         self._announce(area, added=True)  # also when the agent started after the area
         return area
 
-    def resolve(self, request: Resolve, exported: Set[int]) -> Resolved:
+    def resolve(self, request: Resolve, exported: Set[int],
+                releasable: Dict[tuple, None]) -> Resolved:
         """The checked answer to `request`; its cache id goes into `exported` (the requesting
-        link's) in the same step, so the cache cannot go away without that peer being told."""
+        link's) in the same step, so the cache cannot go away without that peer being told,
+        and a request key it may release into `releasable` (the link's too)."""
         # Under the table lock: the answer (regions, fence) is one snapshot of a live cache.
         with self._engine.operation(), self._engine.table.lock:
             entry, slot, binding = self._lookup(request)
@@ -133,6 +138,9 @@ class Responder:
             release_key = None
             if pulling and binding is not None and binding.releasable:
                 release_key = self._engine.table.identity_of(binding)
+                while len(releasable) >= MAX_RELEASABLE:  # a peer that never releases
+                    del releasable[next(iter(releasable))]
+                releasable[(tuple(release_key), entry.cache_id)] = None
             exported.add(entry.cache_id)
             # Only an answer to a pull by cache id is kept for other slots (ops/remote_ops.py).
             keyed_slots = (self._engine.table.keyed_slots(entry)
@@ -179,18 +187,26 @@ class Responder:
         offset, value = entry.fence
         return Fence(fence_table().region, offset, value)
 
-    def release(self, notices: Sequence[Pulled]) -> None:
-        """The peer finished pulling these tensors through request keys. A notice about a
-        binding that is gone (released, removed, or the key now bound to another cache) is
-        one delivered twice or late: it changes nothing."""
+    def release(self, notices: Sequence[Pulled], releasable: Dict[tuple, None]) -> None:
+        """The peer finished pulling these tensors through request keys. Only keys it was
+        answered about count (`releasable`, its link's): no peer releases another's. A notice
+        about a binding that is gone (released, removed, or the key now bound to another
+        cache) is one delivered twice or late: it changes nothing."""
         if not notices:
             return
         table = self._engine.table
         with self._engine.operation(), table.lock:
             for notice in notices:
-                binding = table.binding(tuple(notice.key))
-                if binding is not None and binding.entry.cache_id == notice.cache_id:
-                    table.mark_pulled(binding, notice.tensors)
+                mine = (tuple(notice.key), notice.cache_id)
+                if mine not in releasable:
+                    continue
+                binding = table.binding(mine[0])
+                if binding is None or binding.entry.cache_id != notice.cache_id:
+                    del releasable[mine]  # released, removed or rebound meanwhile
+                    continue
+                table.mark_pulled(binding, notice.tensors)
+                if table.binding(mine[0]) is not binding:
+                    del releasable[mine]  # that was the last of its tensors
 
     def _lookup(self, request: Resolve) -> Tuple[CacheEntry, int, Optional[KeyBinding]]:
         table = self._engine.table

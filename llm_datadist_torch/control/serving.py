@@ -94,8 +94,9 @@ class Serving:
         return link
 
     def _resolve(self, link: Link, request: Resolve) -> Message:
-        self._responder.release(request.released)  # first: a released key is gone for this one
-        return self._responder.resolve(request, link.exported)
+        # First: a key released by an earlier pull is gone for this one.
+        self._responder.release(request.released, link.releasable)
+        return self._responder.resolve(request, link.exported, link.releasable)
 
     @staticmethod
     def _invalidate(link: Link, request: Invalidate) -> Message:
@@ -114,8 +115,8 @@ class Serving:
     def _locate(self, link: Link, request: Locate) -> Message:
         return self._responder.locate(request, link.exported)
 
-    def _release(self, _link: Link, request: Release) -> Message:
-        self._responder.release(request.pulled)
+    def _release(self, link: Link, request: Release) -> Message:
+        self._responder.release(request.pulled, link.releasable)
         return Ack()
 
     def _unlink(self, link: Link, _request: Unlink) -> Message:

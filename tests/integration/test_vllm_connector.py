@@ -440,7 +440,9 @@ def test_expired_lease_frees_blocks_and_late_reader_recomputes(engines):
     assert status(params[0]).expired >= len(batch)
     decoded = engines["D"].generate(batch, params, max_tokens=6)
     assert tokens(decoded) == tokens(engines["R"].generate(batch, max_tokens=6))
-    assert status(params[0]).late >= len(batch)
+    # A worker whose pull failed before its release sends that release after reporting the
+    # load done (worker._release_quietly): it may reach X a little after the tokens.
+    wait_for(lambda: status(params[0]).late >= len(batch), 10, "D's releases to be refused")
 
 
 @engine_test

@@ -13,8 +13,7 @@ import pytest
 import torch
 
 from helpers import link_in_process, raises_llm
-from llm_datadist_torch import (BlocksCacheKey, CacheDesc, CacheKey, DataType, LLMStatusCode,
-                                Placement)
+from llm_datadist_torch import BlocksCacheKey, CacheDesc, DataType, LLMStatusCode, Placement
 
 TENSORS, BLOCKS, BLOCK = 6, 16, 64
 
@@ -33,21 +32,13 @@ def _source(owner, seed):
     return cache, tensors
 
 
-@pytest.fixture
-def pair(make_datadist):
-    owner = make_datadist(listen_ip_info="127.0.0.1:0")
-    puller = make_datadist()
-    link_in_process(puller, owner)
-    return owner, puller
-
-
 def _prepared_for(link, cache_id):
     with link.lock:
         return [key for key in link.prepared if key[0] == cache_id]
 
 
-def test_prepared_pulls_move_exactly_the_planned_blocks_call_after_call(pair):
-    owner, puller = pair
+def test_prepared_pulls_move_exactly_the_planned_blocks_call_after_call(linked_pair):
+    owner, puller = linked_pair
     cache, source = _source(owner, seed=1)
     key = BlocksCacheKey(owner.cluster_id, 0)
     local = puller.cache_manager.allocate_blocks_cache(_desc())
@@ -72,10 +63,8 @@ def test_prepared_pulls_move_exactly_the_planned_blocks_call_after_call(pair):
     assert len(_prepared_for(link, cache.cache_id)) == 2  # built once per pair of caches
 
 
-def test_prepared_pushes_write_exactly_the_planned_blocks(make_datadist):
-    owner = make_datadist(listen_ip_info="127.0.0.1:0", enable_remote_cache_accessible=True)
-    pusher = make_datadist(enable_remote_cache_accessible=True)
-    link_in_process(pusher, owner)
+def test_prepared_pushes_write_exactly_the_planned_blocks(make_linked_pair):
+    owner, pusher = make_linked_pair(enable_remote_cache_accessible=True)
     target = [torch.zeros(BLOCKS, BLOCK, dtype=torch.uint8) for _ in range(TENSORS)]
     owner.cache_manager.register_blocks_cache(_desc(), [t.data_ptr() for t in target],
                                               BlocksCacheKey(owner.cluster_id, 0))
@@ -94,10 +83,10 @@ def test_prepared_pushes_write_exactly_the_planned_blocks(make_datadist):
         assert all(torch.equal(t, e) for t, e in zip(target, expected))
 
 
-def test_prepared_transfers_go_with_the_cache_they_were_built_for(pair):
+def test_prepared_transfers_go_with_the_cache_they_were_built_for(linked_pair):
     """The owner frees the cache: the requester drops what it prepared for it (told by the
     owner's notice); a new cache under the same key is read afresh, never through the old."""
-    owner, puller = pair
+    owner, puller = linked_pair
     key = BlocksCacheKey(owner.cluster_id, 0)
     first = owner.cache_manager.allocate_blocks_cache(_desc(), key)
     for tensor in first.tensors:
@@ -124,8 +113,8 @@ def test_prepared_transfers_go_with_the_cache_they_were_built_for(pair):
     assert not _prepared_for(link, first.cache_id) and _prepared_for(link, second.cache_id)
 
 
-def test_a_reinitialised_owner_is_never_read_through_a_prepared_transfer(pair, make_datadist):
-    owner, puller = pair
+def test_a_reinitialised_owner_is_never_read_through_a_prepared_transfer(linked_pair, make_datadist):
+    owner, puller = linked_pair
     _, first = _source(owner, seed=4)
     key = BlocksCacheKey(owner.cluster_id, 0)
     local = puller.cache_manager.allocate_blocks_cache(_desc())
@@ -151,8 +140,8 @@ def test_a_reinitialised_owner_is_never_read_through_a_prepared_transfer(pair, m
 
 
 @pytest.mark.parametrize("as_", ["tensor", "int32 tensor", "ndarray", "uint16 ndarray"])
-def test_block_lists_may_be_tensors_or_arrays(pair, as_):
-    owner, puller = pair
+def test_block_lists_may_be_tensors_or_arrays(linked_pair, as_):
+    owner, puller = linked_pair
     _, source = _source(owner, seed=6)
     key = BlocksCacheKey(owner.cluster_id, 0)
     local = puller.cache_manager.allocate_blocks_cache(_desc())
@@ -167,31 +156,11 @@ def test_block_lists_may_be_tensors_or_arrays(pair, as_):
 @pytest.mark.parametrize("blocks", [torch.tensor([0.0, 1.0]), torch.tensor([[0, 1]]),
                                     np.array([0.5]), np.array([[1, 2]]), np.int64(3),
                                     torch.tensor([1, -2])], ids=repr)
-def test_block_tensors_and_arrays_of_the_wrong_kind_are_a_type_error(pair, blocks):
-    owner, puller = pair
+def test_block_tensors_and_arrays_of_the_wrong_kind_are_a_type_error(linked_pair, blocks):
+    owner, puller = linked_pair
     _source(owner, seed=7)
     local = puller.cache_manager.allocate_blocks_cache(_desc())
     with pytest.raises(TypeError):
         puller.cache_manager.pull_blocks(BlocksCacheKey(owner.cluster_id, 0), local, blocks, [0])
     with pytest.raises(TypeError):
         puller.cache_manager.pull_blocks(BlocksCacheKey(owner.cluster_id, 0), local, [0], blocks)
-
-
-def test_a_pulled_request_key_is_released_with_the_next_request(pair):
-    """One round trip per keyed pull: the release rides on the next request (or goes soon
-    after on its own); a second pull of the key fails as it must."""
-    owner, puller = pair
-    keys = [CacheKey(owner.cluster_id, req_id=r) for r in range(2)]
-    source = owner.cache_manager.allocate_cache(
-        CacheDesc(1, [2, 64], DataType.DT_INT32, Placement.HOST), keys)
-    source.tensors[0].fill_(9)
-    local = puller.cache_manager.allocate_cache(CacheDesc(1, [2, 64], DataType.DT_INT32))
-    puller.cache_manager.pull_cache(keys[0], local, 0)
-    with raises_llm(LLMStatusCode.LLM_KV_CACHE_NOT_EXIST):
-        puller.cache_manager.pull_cache(keys[0], local, 1)
-    puller.cache_manager.pull_cache(keys[1], local, 1)
-    assert bool((local.tensors[0] == 9).all())
-    deadline = time.monotonic() + 10
-    while owner._engine.table.bound_keys():
-        assert time.monotonic() < deadline, "pulled keys stay bound on the owner"
-        time.sleep(0.01)
