@@ -49,7 +49,7 @@ LIVENESS_TIMEOUT_S = 0.2
 LIVENESS_INTERVAL_S = 1.0
 EVICT_IDLE_S = 5.0
 MAX_EVICTION_PROBES = 3
-FINAL_RELEASE_TIMEOUT_S = 1.0  # finalize: per link with release notices left
+FINAL_RELEASE_TIMEOUT_S = 1.0  # finalize: for the release notices left, all links together
 
 
 class LinkManager:
@@ -285,7 +285,9 @@ class LinkManager:
             link = self._links.get(cluster.remote_cluster_id)
         if link is None:
             return SUCCESS  # unlinking a missing link succeeds in v2
-        deliver(link, max(deadline - time.monotonic(), 0.001))  # keys pulled: released first
+        # Keys pulled: released first, with at most half the time left (the unlink goes anyway).
+        if len(link.releases):
+            deliver(link, max((deadline - time.monotonic()) / 2, 0.001))
         try:
             link.rpc.call(Unlink(session=link.session), max(deadline - time.monotonic(), 0.001))
         except LLMException as exc:
@@ -342,9 +344,10 @@ class LinkManager:
     def close(self) -> None:
         self._reaper.close()
         self.release_sender.close()
+        deadline = time.monotonic() + FINAL_RELEASE_TIMEOUT_S
         for link in self.all_links():  # keys pulled: told before the links go
-            if len(link.releases):
-                deliver(link, FINAL_RELEASE_TIMEOUT_S)
+            if len(link.releases) and time.monotonic() < deadline:
+                deliver(link, deadline - time.monotonic())
         self._invalidator.close()
         self._server.close()
         self._serving.close()

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from helpers import link_in_process, raises_llm
-from llm_datadist_torch import CacheDesc, CacheKey, DataType, LLMStatusCode, Placement
+from helpers import cluster_info, link_in_process, raises_llm
+from llm_datadist_torch import CacheDesc, CacheKey, DataType, LLMStatusCode, Placement, faults
 from llm_datadist_torch.control.messages import Pulled, Release, Resolve
 
 SHAPE = [4, 64]
@@ -98,3 +98,19 @@ def test_a_late_notice_does_not_release_the_key_bound_again(keyed, make_datadist
     again.tensors[0].fill_(4)
     puller.cache_manager.pull_cache(keys[0], local, 3)
     assert bool((local.tensors[0][3] == 4).all())
+
+
+def test_unlink_delivers_the_notices_left(keyed, make_datadist):
+    """The notice of a key pulled just before an unlink reaches the owner before the unlink
+    returns, even when the engine's own send of it was lost."""
+    owner, keys, _ = keyed
+    puller, local = _puller(make_datadist, owner)
+    faults.arm("rpc.drop", "Release", count=1)
+    try:
+        puller.cache_manager.pull_cache(keys[0], local, 0)
+        port = int(owner._links.listening.rsplit(":", 1)[1])
+        status, _ = puller.unlink_clusters([cluster_info(owner.cluster_id, port)], 5000)
+    finally:
+        faults.clear()
+    assert status == LLMStatusCode.LLM_SUCCESS
+    assert ("req", 0, 0) not in _bound(owner)
