@@ -304,8 +304,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                             static_cast<int>(max_threads), ordered);
           },
           py::arg("remote_offsets"), py::arg("local_offsets"), py::arg("lengths"),
-          py::arg("to_remote"), py::arg("max_threads") = 2, py::arg("ordered") = false)
-      .def_property_readonly("pairs", &PreparedCopy::pairs);
+          py::arg("to_remote"), py::arg("max_threads") = 2, py::arg("ordered") = false);
   m.attr("FENCE_MOVED_BEFORE") = kFenceMovedBefore;
   m.attr("FENCE_MOVED_AFTER") = kFenceMovedAfter;
 }

@@ -26,9 +26,6 @@ from ..memory.native import _C
 from ..status import LLMStatusCode, fail
 from .base import WORD_BYTES, Transport
 
-FENCE_MOVED = (_C.FENCE_MOVED_BEFORE, _C.FENCE_MOVED_AFTER)
-
-
 class PreparedTransfer:
     """Moves the same segments between fixed pairs of (remote region, local tensor)."""
 
@@ -66,8 +63,9 @@ class PreparedTransfer:
 
     def run(self, remote_offsets: Sequence[int], local_offsets: Sequence[int],
             lengths: Sequence[int], to_remote: bool, deadline: float) -> int:
-        """Move the segments (one native call); returns the bytes moved, or one of
-        `FENCE_MOVED` when the owner's fence word changed (the bytes must not be used)."""
+        """Move the segments (one native call); returns the bytes moved, or a negative
+        `_C.FENCE_MOVED_BEFORE` / `_C.FENCE_MOVED_AFTER` when the owner's fence word changed
+        (the bytes must not be used)."""
         transport, fence_transport = self.transport, self.fence_transport
         transport.enter()
         try:

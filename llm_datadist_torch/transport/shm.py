@@ -69,7 +69,7 @@ class ShmTransport(Transport):
                 and region.device == "cpu")
 
     def _transfer(self, items: List[TransferItem], segments: Segments, to_remote: bool) -> None:
-        bases = [self._mapping(item.region).address + item.region.shm_offset for item in items]
+        _, bases = self.native_bases([item.region for item in items])
         copy_by_address(items, segments, bases, "cpu", to_remote)
 
     def native_bases(self, regions):
