@@ -51,10 +51,12 @@ class PreparedTransfer:
         word = fence_transport.native_bases([fence_region])
         if data is None or word is None:
             return None
-        if not 0 <= fence.offset <= fence_region.nbytes - WORD_BYTES:
-            fail(LLMStatusCode.LLM_PARAM_INVALID, "fence word at %d outside %s", fence.offset,
-                 fence_transport.describe(fence_region))
         (data_pid, bases), (fence_pid, (fence_base,)) = data, word
+        # The word is read atomically: it must be whole inside the table and 8-byte aligned.
+        if (not 0 <= fence.offset <= fence_region.nbytes - WORD_BYTES
+                or (fence_base + fence.offset) % WORD_BYTES):
+            fail(LLMStatusCode.LLM_PARAM_INVALID, "fence word at %d is not an aligned word "
+                 "inside %s", fence.offset, fence_transport.describe(fence_region))
         copy = _C.PreparedCopy(
             data_pid, [v for base, region in zip(bases, regions) for v in (base, region.nbytes)],
             [v for tensor in local for v in (tensor.data_ptr(), tensor.nbytes)],

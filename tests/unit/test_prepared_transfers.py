@@ -8,6 +8,7 @@ checked in tests/integration/test_prepared_pulls.py.
 import random
 import time
 
+import msgspec
 import numpy as np
 import pytest
 import torch
@@ -164,3 +165,23 @@ def test_block_tensors_and_arrays_of_the_wrong_kind_are_a_type_error(linked_pair
         puller.cache_manager.pull_blocks(BlocksCacheKey(owner.cluster_id, 0), local, blocks, [0])
     with pytest.raises(TypeError):
         puller.cache_manager.pull_blocks(BlocksCacheKey(owner.cluster_id, 0), local, [0], blocks)
+
+
+def test_an_answer_with_a_misaligned_fence_word_is_refused(linked_pair):
+    """A peer's answer naming a fence word that is not an aligned word: `LLM_PARAM_INVALID`,
+    nothing moved (the word is read atomically)."""
+    owner, puller = linked_pair
+    _source(owner, seed=8)
+    key = BlocksCacheKey(owner.cluster_id, 0)
+    local = puller.cache_manager.allocate_blocks_cache(_desc())
+    puller.cache_manager.pull_blocks(key, local, [0], [0])
+    link = puller._links.get(owner.cluster_id)
+    with link.lock:
+        (kept_key, reply), = link.descriptors.items()
+        fence = msgspec.structs.replace(reply.fence, offset=reply.fence.offset + 3)
+        link.descriptors[kept_key] = msgspec.structs.replace(reply, fence=fence)
+        link.prepared.clear()
+    before = [t.clone() for t in local.tensors]
+    with raises_llm(LLMStatusCode.LLM_PARAM_INVALID):
+        puller.cache_manager.pull_blocks(key, local, [1], [1])
+    assert all(torch.equal(t, b) for t, b in zip(local.tensors, before))
